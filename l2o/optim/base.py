@@ -1,0 +1,132 @@
+"""The update-rule contract that every optimizer in l2o follows (see DESIGN.md).
+
+A rule is a pair of pure functions over dicts of tensors, in the spirit of optax::
+
+    state          = rule.init(params)
+    updates, state = rule.update(grads, state, params, step=t, loss_fn=None)
+    params         = apply_updates(params, updates)
+
+Pure means no in-place mutation of inputs and no hidden globals, so that ``torch.func.vmap``
+runs a rule over a population of tasks and autograd differentiates through it.
+
+State is a dict whose values are tensors or nested dicts of the same kind. A nested dict keyed
+exactly like ``params`` is a *per-parameter slot* (e.g. Adam's ``{"mu": {name: tensor}}``); any
+other tensor is global to the rule (e.g. L-BFGS's history). The ``torch.optim`` adapter relies on
+this to store per-parameter slots in ``optimizer.state[p]`` as ``torch.optim`` does.
+
+``step`` is the 0-based index of the update being made (an ``int`` or a 0-dim tensor; inside a
+vmapped unroll each task may be at a different step). Rules with bias corrections use
+``step + 1``.
+
+Hyper-parameters are dataclass fields. ``lr`` may be a float or a schedule (a pure function of
+the step, see :mod:`l2o.optim.schedules`); the adapter replaces fields with the param group's
+values every step so that ``torch.optim.lr_scheduler`` works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+State = dict[str, Any]
+LossFn = Callable[[Params], Tensor]
+Step = Union[int, Tensor]
+Schedule = Callable[[Step], Union[float, Tensor]]
+LearningRate = Union[float, Schedule]
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    """Base class of every update rule (hand-designed, learned, guarded).
+
+    Subclasses are frozen dataclasses whose fields are the hyper-parameters; they implement
+    :meth:`init` and :meth:`update` and validate their fields in ``__post_init__``.
+    """
+
+    #: Rules that need ``loss_fn`` (line searches, Hessian-vector products, the guard) set this.
+    needs_loss_fn: ClassVar[bool] = False
+
+    def init(self, params: Params) -> State:
+        """Return the initial state for ``params`` (a dict of tensors)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init()")
+
+    def update(
+        self,
+        grads: Params,
+        state: State,
+        params: Params,
+        *,
+        step: Step,
+        loss_fn: LossFn | None = None,
+    ) -> tuple[Params, State]:
+        """Return ``(updates, new_state)``; the new parameters are ``params + updates``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update()")
+
+    def replace(self, **changes: Any) -> UpdateRule:
+        """A copy with some hyper-parameters changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def hyperparameter_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def apply_updates(params: Params, updates: Params) -> Params:
+    """``{k: params[k] + updates[k]}``, out of place."""
+    return {k: params[k] + updates[k] for k in params}
+
+
+def lr_at(lr: LearningRate, step: Step) -> float | Tensor:
+    """The learning rate at ``step``: ``lr`` itself, or ``lr(step)`` for a schedule."""
+    return lr(step) if callable(lr) else lr
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = 0.0,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in range.
+
+    Schedules (callables) pass: they are checked where they are built.
+    """
+    if callable(value):
+        return
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            return
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        bound = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {bound} {low}, got {value!r}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        bound = "<=" if high_inclusive else "<"
+        raise ValueError(f"{name} must be {bound} {high}, got {value!r}")
+
+
+def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]):
+    """Apply ``fn`` key-wise over dicts of tensors with the same keys."""
+    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+
+
+def zeros_like_params(params: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in params.items()}
+
+
+def global_norm(tree: Mapping[str, Tensor]) -> Tensor:
+    """sqrt(sum of squares) over all tensors of a dict."""
+    return torch.sqrt(sum(torch.sum(v * v) for v in tree.values()))
