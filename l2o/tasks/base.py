@@ -73,3 +73,16 @@ class Task(ABC):
     def config(self) -> dict:
         """JSON-serialisable description (name and constructor arguments) for provenance."""
         return {"name": self.name}
+
+
+class TaskFamily(ABC):
+    """A distribution over tasks: a seed picks one task structure (width, depth, dataset, ...)."""
+
+    name: str = "family"
+
+    @abstractmethod
+    def sample(self, seed: int) -> Task:
+        """The task drawn by ``seed`` (deterministic)."""
+
+    def config(self) -> dict:
+        return {"name": self.name}
