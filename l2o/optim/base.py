@@ -130,3 +130,17 @@ def zeros_like_params(params: Params) -> Params:
 def global_norm(tree: Mapping[str, Tensor]) -> Tensor:
     """sqrt(sum of squares) over all tensors of a dict."""
     return torch.sqrt(sum(torch.sum(v * v) for v in tree.values()))
+
+
+def value_and_grad(loss_fn: LossFn, params: Params) -> tuple[Tensor, Params]:
+    """Loss and gradient of ``loss_fn`` at ``params``, for rules that probe other points.
+
+    A ``loss_fn`` may carry its own ``value_and_grad(params)`` (the ``torch.optim`` adapter's
+    closure wrapper does: it runs the user's closure and reads ``p.grad``); otherwise
+    ``torch.func.grad_and_value`` differentiates it, which also works inside vmap.
+    """
+    own = getattr(loss_fn, "value_and_grad", None)
+    if own is not None:
+        return own(params)
+    grads, loss = torch.func.grad_and_value(loss_fn)(params)
+    return loss, grads
