@@ -1,0 +1,79 @@
+"""Tasks by name: ``get_task("mlp", width=64)``.
+
+Built-in names are registered here; other modules add theirs with :func:`register_task`.
+``get_task(**task.config())`` rebuilds a task from its recorded configuration.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from l2o.tasks.base import Task
+from l2o.tasks.supervised import (
+    AutoencoderTask,
+    ConvNetTask,
+    LogisticRegressionTask,
+    MLPClassifierTask,
+)
+from l2o.tasks.synthetic import QuadraticTask, RosenbrockTask
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def register_task(name: str, cls: type[Task]) -> None:
+    """Make ``cls`` constructible as ``get_task(name, **kwargs)``.
+
+    Re-registering the same class is a no-op; taking a name already used by another class is an
+    error.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"register_task({name!r}, ...) needs a Task subclass, got {cls!r}")
+    if _TASKS.get(name, cls) is not cls:
+        raise ValueError(f"task name {name!r} is already registered to {_TASKS[name].__name__}")
+    _TASKS[name] = cls
+
+
+def task_names() -> tuple[str, ...]:
+    """Registered task names, sorted."""
+    return tuple(sorted(_TASKS))
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """A new task ``name`` built with constructor arguments ``kwargs``.
+
+    Unknown names and unknown arguments raise ``ValueError`` listing what is accepted.
+    """
+    if name not in _TASKS:
+        known = list(task_names())
+        raise ValueError(
+            f"unknown task {name!r}.{_did_you_mean(name, known)} Known tasks: {', '.join(known)}"
+        )
+    cls = _TASKS[name]
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = [n for n in params if n != "self"]
+        for key in kwargs:
+            if key not in params:
+                raise ValueError(
+                    f"task {name!r} has no argument {key!r}.{_did_you_mean(key, accepted)} "
+                    f"Accepted: {', '.join(accepted)}"
+                )
+    return cls(**kwargs)
+
+
+for _cls in (
+    QuadraticTask,
+    RosenbrockTask,
+    LogisticRegressionTask,
+    MLPClassifierTask,
+    ConvNetTask,
+    AutoencoderTask,
+):
+    register_task(_cls.name, _cls)
