@@ -1,0 +1,33 @@
+"""Learned optimizers: feature extraction, architectures, registry and checkpoint format."""
+
+from l2o.learned.base import LOpt
+from l2o.learned.checkpoint import (
+    CheckpointError,
+    checkpoint_id,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    shipped_checkpoints,
+)
+from l2o.learned.lstm_lopt import LSTMLOpt, LSTMRule
+from l2o.learned.mlp_lopt import MLPLOpt, MLPRule
+from l2o.learned.registry import get_lopt, lopt_names, register_lopt
+from l2o.learned.rule import LearnedRule
+
+__all__ = [
+    "CheckpointError",
+    "LOpt",
+    "LSTMLOpt",
+    "LSTMRule",
+    "LearnedRule",
+    "MLPLOpt",
+    "MLPRule",
+    "checkpoint_id",
+    "get_lopt",
+    "load_checkpoint",
+    "lopt_names",
+    "register_lopt",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "shipped_checkpoints",
+]
