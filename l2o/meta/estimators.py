@@ -1,0 +1,418 @@
+"""Gradient estimators over truncated unrolls: truncated BPTT, antithetic ES and PES.
+
+All three share the episode machinery of :class:`TruncatedEstimator`. A population of inner
+trainings runs in lock-step through *episodes* of ``T`` inner steps (``horizon``; constant, or
+drawn log-uniformly per episode), cut into *truncations* of ``K`` steps (``truncation``; the
+last one of an episode is shorter when K does not divide T). ``estimate`` advances one
+truncation and returns an estimate of the gradient of its meta-loss (``l2o.meta.losses``)
+w.r.t. the meta-parameters. When an episode ends (or an inner loss went non-finite) the
+population restarts: fresh instance seeds, hence fresh initial parameters and data, fresh
+rule state, and, for a :class:`~l2o.tasks.base.TaskFamily`, a freshly sampled task.
+
+Estimators (``get_estimator(name, **kwargs)``):
+
+``tbptt`` -- :class:`TruncatedBPTT`. Autograd through the K-step unroll; the carry is detached
+    between truncations, so the effect of the meta-parameters on the state a truncation starts
+    from is ignored: low variance, biased towards short-horizon (greedy) behaviour.
+
+``es`` -- :class:`ES`, antithetic evolution strategies over the truncation (Salimans et al.
+    2017). With ``N = population / 2`` pairs sharing instance and data, ``eps_i ~ N(0, I)``::
+
+        g = sum_i (L(theta + sigma eps_i) - L(theta - sigma eps_i)) eps_i / (2 sigma N)
+
+    Unbiased for the Gaussian-smoothed truncated loss; no backward pass (runs under
+    ``torch.no_grad``), but shares TBPTT's truncation bias. Each pair carries one inner state
+    (the positive member's) into the next truncation.
+
+``pes`` -- :class:`PES`, persistent evolution strategies (Vicol, Metz, Sohl-Dickstein, ICML
+    2021). Every particle keeps its own inner state across truncations, and each pair keeps
+    ``xi_i``, the sum of the perturbations it has been run with since its episode started::
+
+        xi_i <- xi_i + eps_i
+        g     = sum_i (L_i^+ - L_i^-) xi_i / (2 sigma N)
+
+    (the paper's ``sum (L+ - L-) xi / (2 sigma^2 N)`` with perturbations ``sigma eps``).
+    Summed over an episode's truncations this is an unbiased estimate of the gradient of the
+    whole episode's (smoothed) meta-loss: no truncation bias, at the price of variance that
+    grows with the number of truncations.
+
+Every estimator's state is a dict of tensors, ints, floats and dicts of them (see
+:mod:`l2o.meta.base`); a task drawn from a family is recorded by its sample seed and rebuilt
+with ``family.sample(seed)``. All randomness comes from the ``generator`` passed in, so the
+same generator state gives the same estimates.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import abstractmethod
+from collections import OrderedDict
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from l2o.learned.base import LOpt
+from l2o.meta.base import Estimate, EstimatorState, GradientEstimator
+from l2o.meta.losses import get_meta_loss
+from l2o.meta.unroll import Unroll, count_nonfinite, detach_carry, init_carry, map_tree, unroll
+from l2o.optim.base import Params, check_hyperparameter
+from l2o.tasks.base import Task, TaskFamily
+
+HORIZON_SCHEDULES = ("constant", "log_uniform")
+
+_SEED_HIGH = 2**31 - 1
+#: Tasks kept built per estimator (a family's tasks are rebuilt from their seed when evicted).
+_TASK_CACHE_SIZE = 4
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _draw_seeds(generator: torch.Generator, n: int) -> Tensor:
+    return torch.randint(0, _SEED_HIGH, (n,), generator=generator, device=generator.device)
+
+
+class TruncatedEstimator(GradientEstimator):
+    """Episodes, task sampling, state and metrics shared by the truncated estimators.
+
+    Args:
+        lopt: the learned optimizer (``lopt.rule(meta_params)`` is the inner update rule).
+        task: a fixed :class:`Task`, or a :class:`TaskFamily` sampled once per episode.
+        population: P, inner trainings run side by side (ES/PES: particles, an even number).
+        truncation: K, inner steps per estimate.
+        horizon: T, inner steps per episode (the maximum, for ``log_uniform``).
+        meta_loss: a name from :data:`l2o.meta.losses.META_LOSSES`.
+        device: where the inner training's tensors live.
+        horizon_schedule: "constant" (every episode has T steps) or "log_uniform" (T drawn
+            log-uniformly from ``[min_horizon, horizon]`` per episode, so the learned optimizer
+            sees short and long trainings).
+        min_horizon: the shortest ``log_uniform`` episode (default: ``truncation``).
+    """
+
+    name: ClassVar[str] = "truncated"
+    #: Meta-parameter perturbation pairs share a task instance; population must be even.
+    antithetic: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        lopt: LOpt,
+        task: Task | TaskFamily,
+        *,
+        population: int = 8,
+        truncation: int = 20,
+        horizon: int = 100,
+        meta_loss: str = "train_mean",
+        device: torch.device | str = "cpu",
+        horizon_schedule: str = "constant",
+        min_horizon: int | None = None,
+    ) -> None:
+        self.population = _positive_int("population", population)
+        self.truncation = _positive_int("truncation", truncation)
+        self.horizon = _positive_int("horizon", horizon)
+        if self.truncation > self.horizon:
+            raise ValueError(
+                f"truncation (K={truncation}) must be <= horizon (T={horizon}): "
+                "a truncation never crosses an episode's end"
+            )
+        if self.antithetic and self.population % 2:
+            raise ValueError(
+                f"population must be even for {type(self).__name__} (antithetic pairs), "
+                f"got {population}"
+            )
+        if horizon_schedule not in HORIZON_SCHEDULES:
+            raise ValueError(
+                f"horizon_schedule must be one of {HORIZON_SCHEDULES}, got {horizon_schedule!r}"
+            )
+        self.horizon_schedule = horizon_schedule
+        self.min_horizon = _positive_int(
+            "min_horizon", self.truncation if min_horizon is None else min_horizon
+        )
+        if self.min_horizon > self.horizon:
+            raise ValueError(
+                f"min_horizon ({self.min_horizon}) must be <= horizon (T={self.horizon})"
+            )
+        self.meta_loss = get_meta_loss(meta_loss)
+        self.lopt = lopt
+        self.device = torch.device(device)
+        if isinstance(task, TaskFamily):
+            self.family: TaskFamily | None = task
+            self._fixed_task: Task | None = None
+        elif isinstance(task, Task):
+            self.family, self._fixed_task = None, task.to(self.device)
+        else:
+            raise TypeError(f"task must be a Task or a TaskFamily, got {type(task).__name__}")
+        self._tasks: OrderedDict[int, Task] = OrderedDict()
+
+    # -- what subclasses decide --------------------------------------------------------------
+
+    @property
+    def num_instances(self) -> int:
+        """Distinct task instances (seeds) per episode."""
+        return self.population // 2 if self.antithetic else self.population
+
+    def _carried_seeds(self, seeds: Tensor) -> Tensor:
+        """The instance seed of every inner state the estimator carries between truncations."""
+        return seeds
+
+    def _episode_extras(self, meta_params: Params) -> EstimatorState:
+        """Per-episode state besides the carry (PES: its perturbation accumulators)."""
+        return {}
+
+    @abstractmethod
+    def _truncation(
+        self,
+        meta_params: Params,
+        state: EstimatorState,
+        task: Task,
+        num_steps: int,
+        generator: torch.Generator,
+    ) -> tuple[Params, EstimatorState, Unroll, Tensor]:
+        """Unroll ``num_steps`` from ``state``; return the gradient estimate, the state entries
+        that changed (at least "carry"), the unroll and the per-member meta-losses."""
+
+    # -- episodes ------------------------------------------------------------------------------
+
+    def task_for(self, task_seed: int) -> Task:
+        """The task of an episode: the fixed task, or ``family.sample(task_seed)`` (cached)."""
+        if self.family is None:
+            return self._fixed_task
+        task = self._tasks.pop(task_seed, None)
+        if task is None:
+            task = self.family.sample(task_seed).to(self.device)
+        self._tasks[task_seed] = task
+        while len(self._tasks) > _TASK_CACHE_SIZE:
+            self._tasks.popitem(last=False)
+        return task
+
+    def _draw_horizon(self, generator: torch.Generator) -> int:
+        if self.horizon_schedule == "constant":
+            return self.horizon
+        u = float(torch.rand((), generator=generator, device=generator.device, dtype=torch.float64))
+        low, high = math.log(self.min_horizon), math.log(self.horizon)
+        return min(self.horizon, max(self.min_horizon, round(math.exp(low + u * (high - low)))))
+
+    def _start_episode(
+        self, meta_params: Params, episode: int, generator: torch.Generator
+    ) -> EstimatorState:
+        task_seed = int(_draw_seeds(generator, 1)) if self.family is not None else -1
+        horizon = self._draw_horizon(generator)
+        seeds = _draw_seeds(generator, self.num_instances)
+        task = self.task_for(task_seed)
+        # The rule's initial state is treated as a constant (learned rules start from zeros).
+        with torch.no_grad():
+            rule = self.lopt.rule({k: v.detach() for k, v in meta_params.items()})
+            carry = init_carry(rule, task, self._carried_seeds(seeds), device=self.device)
+        return {
+            "carry": carry,
+            "episode": episode,
+            "truncation": 0,
+            "horizon": horizon,
+            "task_seed": task_seed,
+            **self._episode_extras(meta_params),
+        }
+
+    # -- the GradientEstimator interface -------------------------------------------------------
+
+    def init(self, meta_params: Params, generator: torch.Generator) -> EstimatorState:
+        """Start the population's first episode."""
+        return self._start_episode(meta_params, 0, generator)
+
+    def estimate(
+        self, meta_params: Params, state: EstimatorState, generator: torch.Generator
+    ) -> Estimate:
+        """Advance one truncation; see the module docstring for what each estimator returns.
+
+        Metrics: ``meta_loss`` (population mean), ``inner_loss`` (mean training loss after the
+        truncation's last update), ``nonfinite`` (NaN/inf inner losses; the meta-gradient is
+        then non-finite too, and the episode restarts), ``inner_steps`` (task-steps, P x K),
+        ``truncation`` (index within the episode), ``episode``, ``horizon``,
+        ``episode_progress`` (fraction of the episode done) and ``episode_done``.
+        """
+        task = self.task_for(state["task_seed"])
+        done = int(state["carry"]["step"][0])
+        horizon = int(state["horizon"])
+        num_steps = min(self.truncation, horizon - done)
+        if num_steps < 1:
+            raise ValueError(
+                f"estimator state is past its episode's end (step {done} of {horizon})"
+            )
+
+        grads, changed, result, meta_losses = self._truncation(
+            meta_params, state, task, num_steps, generator
+        )
+        nonfinite = count_nonfinite(result)
+        episode_done = done + num_steps >= horizon or nonfinite > 0
+        metrics = {
+            "meta_loss": float(meta_losses.mean()),
+            "inner_loss": float(result.terms.train[-1].detach().mean()),
+            "nonfinite": float(nonfinite),
+            "inner_steps": float(result.losses.numel()),
+            "truncation": float(state["truncation"]),
+            "episode": float(state["episode"]),
+            "horizon": float(horizon),
+            "episode_progress": (done + num_steps) / horizon,
+            "episode_done": float(episode_done),
+        }
+        if episode_done:
+            new_state = self._start_episode(meta_params, int(state["episode"]) + 1, generator)
+        else:
+            new_state = {**state, **changed, "truncation": int(state["truncation"]) + 1}
+        grads = {k: g.to(meta_params[k]) for k, g in grads.items()}
+        return Estimate(grads, new_state, metrics)
+
+
+class TruncatedBPTT(TruncatedEstimator):
+    """Truncated backpropagation through time: autograd through each K-step unroll.
+
+    Args (besides :class:`TruncatedEstimator`'s):
+        checkpoint: recompute inner steps' activations in the backward pass
+            (``torch.utils.checkpoint``) to bound memory for large inner networks.
+    """
+
+    name: ClassVar[str] = "tbptt"
+
+    def __init__(self, lopt: LOpt, task: Task | TaskFamily, *, checkpoint: bool = False, **kwargs):
+        super().__init__(lopt, task, **kwargs)
+        self.checkpoint = bool(checkpoint)
+
+    def _truncation(self, meta_params, state, task, num_steps, generator):
+        meta = {k: v.detach().requires_grad_(True) for k, v in meta_params.items()}
+        with torch.enable_grad():
+            result = unroll(
+                self.lopt.rule(meta),
+                task,
+                state["carry"],
+                num_steps,
+                eval_mode=self.meta_loss.eval_mode,
+                checkpoint=self.checkpoint,
+            )
+            meta_losses = self.meta_loss(result.terms)
+            objective = meta_losses.mean()
+            if objective.requires_grad:
+                found = torch.autograd.grad(objective, list(meta.values()), allow_unused=True)
+            else:  # the meta-loss does not depend on the meta-parameters at all
+                found = [None] * len(meta)
+        grads = {
+            k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(meta.items(), found)
+        }
+        carry = detach_carry(result.carry)
+        return grads, {"carry": carry}, result._replace(carry=carry), meta_losses.detach()
+
+
+class ES(TruncatedEstimator):
+    """Antithetic evolution strategies over each truncation (see the module docstring).
+
+    Args (besides :class:`TruncatedEstimator`'s):
+        sigma: standard deviation of the meta-parameter perturbations.
+    """
+
+    name: ClassVar[str] = "es"
+    antithetic: ClassVar[bool] = True
+
+    def __init__(self, lopt: LOpt, task: Task | TaskFamily, *, sigma: float = 0.01, **kwargs):
+        super().__init__(lopt, task, **kwargs)
+        self.sigma = float(sigma)
+        check_hyperparameter("sigma", self.sigma, low=0.0, low_inclusive=False)
+
+    @property
+    def pairs(self) -> int:
+        return self.population // 2
+
+    def _perturbations(self, meta_params: Params, generator: torch.Generator) -> Params:
+        return {
+            k: torch.randn(
+                (self.pairs, *v.shape), generator=generator, device=generator.device, dtype=v.dtype
+            ).to(self.device)
+            for k, v in meta_params.items()
+        }
+
+    def _antithetic_unroll(
+        self, meta_params: Params, eps: Params, task: Task, carry, num_steps: int
+    ) -> tuple[Unroll, Tensor]:
+        """Pair ``i``: member ``i`` runs ``theta + sigma eps_i``, ``pairs + i`` the minus side."""
+        population_meta = {
+            k: torch.cat([v + self.sigma * eps[k], v - self.sigma * eps[k]])
+            for k, v in meta_params.items()
+        }
+        result = unroll(
+            self.lopt.rule,
+            task,
+            carry,
+            num_steps,
+            population_meta_params=population_meta,
+            eval_mode=self.meta_loss.eval_mode,
+        )
+        return result, self.meta_loss(result.terms)
+
+    def _antithetic_grads(self, meta_losses: Tensor, directions: Params) -> Params:
+        """``sum_i (L_i^+ - L_i^-) d_i / (2 sigma N)`` for directions ``d`` ([N, ...] each)."""
+        diff = meta_losses[: self.pairs] - meta_losses[self.pairs :]
+        scale = 2.0 * self.sigma * self.pairs
+        return {
+            k: torch.tensordot(diff.to(d.dtype), d, dims=1) / scale for k, d in directions.items()
+        }
+
+    def _truncation(self, meta_params, state, task, num_steps, generator):
+        with torch.no_grad():
+            eps = self._perturbations(meta_params, generator)
+            both = map_tree(lambda t: torch.cat([t, t]), state["carry"])
+            result, meta_losses = self._antithetic_unroll(meta_params, eps, task, both, num_steps)
+            grads = self._antithetic_grads(meta_losses, eps)
+        # Each pair goes on from its positive member's state: a trajectory under theta + sigma
+        # eps, eps symmetric, so on average it is the unperturbed trajectory.
+        carry = map_tree(lambda t: t[: self.pairs], result.carry)
+        return grads, {"carry": carry}, result, meta_losses
+
+
+class PES(ES):
+    """Persistent evolution strategies (Vicol, Metz, Sohl-Dickstein, ICML 2021).
+
+    Args: as :class:`ES`. Each of the ``population`` particles carries its own inner state;
+    ``state["accumulator"]`` holds each pair's perturbation sum ``xi`` (``{name: [N, ...]}``),
+    reset to zero when an episode starts.
+    """
+
+    name: ClassVar[str] = "pes"
+
+    def _carried_seeds(self, seeds: Tensor) -> Tensor:
+        return torch.cat([seeds, seeds])
+
+    def _episode_extras(self, meta_params: Params) -> EstimatorState:
+        zeros = {
+            k: torch.zeros((self.pairs, *v.shape), dtype=v.dtype, device=self.device)
+            for k, v in meta_params.items()
+        }
+        return {"accumulator": zeros}
+
+    def _truncation(self, meta_params, state, task, num_steps, generator):
+        with torch.no_grad():
+            eps = self._perturbations(meta_params, generator)
+            xi = {k: a + eps[k] for k, a in state["accumulator"].items()}
+            result, meta_losses = self._antithetic_unroll(
+                meta_params, eps, task, state["carry"], num_steps
+            )
+            grads = self._antithetic_grads(meta_losses, xi)
+        return grads, {"carry": result.carry, "accumulator": xi}, result, meta_losses
+
+
+ESTIMATORS: dict[str, type[TruncatedEstimator]] = {
+    "tbptt": TruncatedBPTT,
+    "es": ES,
+    "pes": PES,
+}
+
+
+def get_estimator(name: str, **kwargs: Any) -> TruncatedEstimator:
+    """Build the estimator registered as ``name`` ("tbptt", "es", "pes") from ``kwargs``."""
+    try:
+        cls = ESTIMATORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}"
+        ) from None
+    return cls(**kwargs)

@@ -1,0 +1,237 @@
+"""Truncated unrolls: inner training of a population of task instances under an update rule.
+
+A population is ``P`` instances of one task structure, stacked along a leading dim and trained
+side by side with ``torch.func.vmap``. Their inner-training state is the *carry*, a dict of
+tensors::
+
+    params        {name: [P, ...]}   the instances' parameters
+    opt_state     the rule's state, every tensor stacked along dim 0
+    step          [P] int64          inner step within the episode (the next update's index)
+    seeds         [P] int64          instance seeds: initial parameters and data order
+    initial_loss  [P]                training loss at the episode's initial parameters
+
+One inner step of member ``i`` (all members at once, under vmap)::
+
+    g_i, l_i       = grad_and_value(task.loss)(params_i, batch(seed_i, step_i))
+    u_i, state_i   = rule.update(g_i, state_i, params_i, step=step_i)
+    params_i      += u_i
+
+``unroll`` runs ``K`` such steps and returns the new carry, the ``[K, P]`` inner losses and the
+meta-loss terms (:class:`l2o.meta.losses.MetaLossTerms`). It is pure: autograd flows from the
+meta-loss back through every step to the meta-parameters the rule closes over (truncated BPTT),
+or it runs under ``torch.no_grad`` (ES, PES). Episode boundaries (resets) are the estimator's
+business: an unroll never crosses one.
+
+Either one rule is shared by the whole population, or (ES, PES) each member has its own
+meta-parameters: pass ``rule`` as a function ``meta_params -> UpdateRule`` (``lopt.rule``) and
+``population_meta_params`` stacked along dim 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from l2o.meta.losses import EVAL_MODES, MetaLossTerms
+from l2o.optim.base import Params, UpdateRule, apply_updates
+from l2o.tasks.base import Batch, Task
+
+Carry = dict[str, Any]
+RuleOrFactory = UpdateRule | Callable[[Params], UpdateRule]
+
+
+class Unroll(NamedTuple):
+    """What ``unroll`` returns."""
+
+    carry: Carry
+    #: ``[K, P]`` training losses at the parameters each update's gradient was taken at.
+    losses: Tensor
+    terms: MetaLossTerms
+
+
+def map_tree(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) dict of tensors; other leaves pass through."""
+    if isinstance(tree, dict):
+        return {k: map_tree(fn, v) for k, v in tree.items()}
+    return fn(tree) if isinstance(tree, Tensor) else tree
+
+
+def detach_carry(carry: Carry) -> Carry:
+    """The carry cut from the autograd graph (between truncations)."""
+    return map_tree(Tensor.detach, carry)
+
+
+def count_nonfinite(result: Unroll) -> int:
+    """Inner losses of a truncation that are NaN or infinite (including the final evaluation)."""
+    losses = torch.cat([result.losses, result.terms.train[-1:]])
+    return int((~torch.isfinite(losses)).sum())
+
+
+def population_batch(task: Task, seeds: Sequence[int], steps: Sequence[int], split: str) -> Batch:
+    """Members' batches stacked along dim 0; one ``population_batch`` call when steps agree."""
+    if all(s == steps[0] for s in steps):
+        return task.population_batch(list(seeds), steps[0], split)
+    batches = [task.batch(seed, step, split) for seed, step in zip(seeds, steps)]
+    return tuple(torch.stack(parts) for parts in zip(*batches))
+
+
+def init_carry(
+    rule: RuleOrFactory,
+    task: Task,
+    seeds: Tensor,
+    *,
+    population_meta_params: Params | None = None,
+    device: torch.device | str | None = None,
+) -> Carry:
+    """Fresh episodes for instances ``seeds`` ([P] int64): initial parameters, rule state, step
+    0, and the initial training loss (on the first step's batch) that normalized meta-losses
+    divide by."""
+    device = torch.device(device) if device is not None else task.device
+    seed_list = [int(s) for s in seeds.tolist()]
+    params = {k: v.to(device) for k, v in task.population_init(seed_list).items()}
+    if population_meta_params is None:
+        opt_state = vmap(rule.init)(params)
+    else:
+        opt_state = vmap(lambda meta, p: rule(meta).init(p))(population_meta_params, params)
+    with torch.no_grad():
+        initial_loss = vmap(task.loss)(params, task.population_batch(seed_list, 0, "train"))
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": torch.zeros(len(seed_list), dtype=torch.int64, device=device),
+        "seeds": seeds.to(device=device, dtype=torch.int64),
+        "initial_loss": initial_loss,
+    }
+
+
+def _member_update(rule: UpdateRule, task: Task, grads, state, params, step, batch):
+    # Positional on purpose: vmap maps positional arguments only.
+    loss_fn = (lambda p: task.loss(p, batch)) if rule.needs_loss_fn else None
+    return rule.update(grads, state, params, step=step, loss_fn=loss_fn)
+
+
+def _population_grads_by_autograd(task: Task, params: Params, batch: Batch):
+    # torch.func.grad refuses to run under the saved-tensor hooks that non-reentrant activation
+    # checkpointing installs, so checkpointed steps differentiate the *sum* of the members'
+    # losses with torch.autograd instead. Members are independent (the loss is vmapped), so the
+    # gradient of the sum w.r.t. member i's parameters is member i's own gradient.
+    with torch.enable_grad():
+        leaves = {
+            k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()
+        }
+        losses = vmap(task.loss)(leaves, batch)
+        grads = torch.autograd.grad(
+            losses.sum(), list(leaves.values()), create_graph=True, allow_unused=True
+        )
+    grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+    return grads, losses
+
+
+def unroll(
+    rule: RuleOrFactory,
+    task: Task,
+    carry: Carry,
+    num_steps: int,
+    *,
+    population_meta_params: Params | None = None,
+    eval_mode: str = "none",
+    checkpoint: bool = False,
+) -> Unroll:
+    """Run ``num_steps`` inner steps of every member; see the module docstring.
+
+    Args:
+        rule: the shared update rule, or (with ``population_meta_params``) a factory such as
+            ``lopt.rule`` that builds member ``i``'s rule from its meta-parameters.
+        task: the task structure all members share.
+        carry: the population's inner state (see :func:`init_carry`); not modified.
+        num_steps: K, the truncation length.
+        population_meta_params: per-member meta-parameters ``{name: [P, ...]}`` (ES, PES).
+        eval_mode: held-out losses to compute: "none", "each" (after every update) or "final".
+        checkpoint: recompute each inner step's activations in the backward pass
+            (``torch.utils.checkpoint``, non-reentrant) so BPTT memory does not grow with the
+            inner network's activations times K. Not for rules that call ``torch.func``
+            themselves (``needs_loss_fn`` rules that differentiate ``loss_fn``).
+
+    Returns:
+        ``Unroll(carry, losses [K, P], terms)``; ``terms.train[k]`` is the training loss after
+        update ``k`` (on the next step's batch), ``terms.initial`` the episode's initial loss.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if eval_mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+    per_member = population_meta_params is not None
+    if not per_member and not isinstance(rule, UpdateRule):
+        raise TypeError("rule must be an UpdateRule (or a factory with population_meta_params)")
+
+    def update(grads, state, params, step, batch, meta):
+        if per_member:
+            return vmap(lambda m, *args: _member_update(rule(m), task, *args))(
+                meta, grads, state, params, step, batch
+            )
+        return vmap(lambda *args: _member_update(rule, task, *args))(
+            grads, state, params, step, batch
+        )
+
+    def inner_step(params, state, step, batch, meta):
+        if checkpoint:
+            grads, loss = _population_grads_by_autograd(task, params, batch)
+        else:
+            grads, loss = vmap(grad_and_value(task.loss))(params, batch)
+        updates, state = update(grads, state, params, step, batch, meta)
+        return apply_updates(params, updates), state, loss
+
+    seeds = [int(s) for s in carry["seeds"].tolist()]
+    first = [int(s) for s in carry["step"].tolist()]  # one device sync per truncation
+    params, state, step = carry["params"], carry["opt_state"], carry["step"]
+
+    def member_steps(offset: int) -> list[int]:
+        return [s + offset for s in first]
+
+    def held_out(params: Params, offset: int) -> Tensor:
+        return _eval_losses(task, params, seeds, member_steps(offset))
+
+    losses, evals = [], []
+    for k in range(num_steps):
+        batch = population_batch(task, seeds, member_steps(k), "train")
+        if checkpoint:
+            params, state, loss = activation_checkpoint(
+                inner_step, params, state, step, batch, population_meta_params, use_reentrant=False
+            )
+        else:
+            params, state, loss = inner_step(params, state, step, batch, population_meta_params)
+        step = step + 1
+        losses.append(loss)
+        if eval_mode == "each":
+            evals.append(held_out(params, k + 1))
+
+    final_batch = population_batch(task, seeds, member_steps(num_steps), "train")
+    final = vmap(task.loss)(params, final_batch)
+    if eval_mode == "final":
+        evals.append(held_out(params, num_steps))
+
+    new_carry = dict(carry, params=params, opt_state=state, step=step)
+    terms = MetaLossTerms(
+        train=torch.stack([*losses[1:], final]),
+        initial=carry["initial_loss"],
+        eval=torch.stack(evals) if evals else None,
+    )
+    return Unroll(new_carry, torch.stack(losses), terms)
+
+
+def _eval_losses(task: Task, params: Params, seeds: list[int], steps: list[int]) -> Tensor:
+    """Members' held-out losses, ``[P]``: vmapped over the eval split's batches, or member by
+    member when the task overrides ``eval_loss`` (e.g. a full held-out set)."""
+    if type(task).eval_loss is Task.eval_loss:
+        return vmap(task.loss)(params, population_batch(task, seeds, steps, "eval"))
+    return torch.stack(
+        [
+            task.eval_loss({k: v[i] for k, v in params.items()}, seed, step)
+            for i, (seed, step) in enumerate(zip(seeds, steps))
+        ]
+    )

@@ -1,0 +1,405 @@
+"""Gradient estimators (l2o.meta.estimators): TBPTT, antithetic ES and PES."""
+
+import io
+import math
+
+import pytest
+import torch
+from _meta_fixtures import MomentumLOpt, Quadratic, QuadraticFamily
+
+from l2o.meta.base import GradientEstimator
+from l2o.meta.estimators import ES, PES, TruncatedBPTT, get_estimator
+from l2o.meta.losses import META_LOSSES, get_meta_loss
+from l2o.meta.unroll import init_carry, unroll
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _meta(lopt):
+    return lopt.init_meta(_gen())
+
+
+def _shifted(meta, key, delta):
+    return {k: v + delta if k == key else v for k, v in meta.items()}
+
+
+def _truncation_meta_loss(lopt, task, carry, num_steps, meta, meta_loss):
+    """Population-mean meta-loss of one truncation from ``carry`` (no estimator involved)."""
+    loss = get_meta_loss(meta_loss)
+    out = unroll(lopt.rule(meta), task, carry, num_steps, eval_mode=loss.eval_mode)
+    return loss(out.terms).mean()
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("meta_loss", sorted(META_LOSSES))
+def test_tbptt_meta_gradient_matches_central_differences(meta_loss, checkpoint):
+    lopt, task = MomentumLOpt(lr=0.05, beta=0.6, decay=0.1), Quadratic(dim=3, noise=0.3)
+    est = TruncatedBPTT(
+        lopt,
+        task,
+        population=3,
+        truncation=3,
+        horizon=9,
+        meta_loss=meta_loss,
+        checkpoint=checkpoint,
+    )
+    meta, g = _meta(lopt), _gen()
+    # Second truncation: the carry holds momentum and a known initial loss.
+    state = est.estimate(meta, est.init(meta, g), g).state
+    result = est.estimate(meta, state, g)
+    h = 1e-6
+    for key in meta:
+        plus, minus = (
+            _truncation_meta_loss(lopt, task, state["carry"], 3, _shifted(meta, key, s), meta_loss)
+            for s in (h, -h)
+        )
+        fd = (plus - minus) / (2 * h)
+        torch.testing.assert_close(result.grads[key], fd, rtol=1e-5, atol=1e-9)
+        assert fd.abs() > 1e-4  # the check has something to compare
+
+
+def _exact_truncation_gradient(lopt, task, meta):
+    """TBPTT on a problem where every member is identical: the exact truncated gradient."""
+    est = TruncatedBPTT(lopt, task, population=1, truncation=4, horizon=8)
+    return est.estimate(meta, est.init(meta, _gen()), _gen()).grads
+
+
+def _mean_and_stderr(samples, key):
+    values = torch.stack([s[key] for s in samples])
+    return values.mean(), values.std() / math.sqrt(len(values))
+
+
+def _cosine(a, b):
+    a, b = torch.stack(list(a.values())), torch.stack(list(b.values()))
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("cls", [ES, PES])
+def test_es_and_pes_agree_with_tbptt_within_standard_error(cls):
+    lopt, task = MomentumLOpt(lr=0.1, beta=0.8), Quadratic(fixed=True, curvatures=(1.0, 5.0))
+    meta = _meta(lopt)
+    true = _exact_truncation_gradient(lopt, task, meta)
+    est = cls(lopt, task, population=512, truncation=4, horizon=8, sigma=1e-3)
+    g = _gen(1)
+    samples = [est.estimate(meta, est.init(meta, g), g).grads for _ in range(20)]
+    for key in meta:
+        mean, stderr = _mean_and_stderr(samples, key)
+        assert abs(mean - true[key]) < 4 * stderr, (key, mean, true[key], stderr)
+        assert stderr < 0.1 * abs(true[key])  # the z-test has power
+    mean = {k: torch.stack([s[k] for s in samples]).mean() for k in meta}
+    assert _cosine(mean, true) > 0.99
+    # A single estimate is noisy but points the right way.
+    assert _cosine(samples[0], true) > 0.5
+
+
+def _episode_sum(est, meta, g):
+    """Sum of an estimator's estimates over one whole episode (from a fresh init)."""
+    state, total = est.init(meta, g), None
+    while True:
+        result = est.estimate(meta, state, g)
+        state = result.state
+        total = result.grads if total is None else {k: total[k] + result.grads[k] for k in total}
+        if result.metrics["episode_done"]:
+            return total
+
+
+def _full_episode_gradient(lopt, task, meta, truncation, horizon):
+    """Gradient of the sum of an episode's truncation meta-losses by BPTT through the whole
+    episode (the carry is never detached): the objective PES is unbiased for."""
+    meta = {k: v.detach().requires_grad_() for k, v in meta.items()}
+    rule, loss = lopt.rule(meta), get_meta_loss("train_mean")
+    carry, total = init_carry(rule, task, torch.tensor([0])), 0.0
+    for start in range(0, horizon, truncation):
+        out = unroll(rule, task, carry, min(truncation, horizon - start))
+        carry, total = out.carry, total + loss(out.terms).mean()
+    return dict(zip(meta, torch.autograd.grad(total, list(meta.values()))))
+
+
+def test_pes_is_unbiased_for_the_whole_episode_where_truncated_bptt_is_biased():
+    # Ill-conditioned quadratic, heavy-ball with a learned step size, truncations of 2 steps
+    # out of 8: the whole episode says "smaller steps", each short truncation says "larger".
+    lopt = MomentumLOpt(lr=0.1, beta=0.5)
+    task = Quadratic(fixed=True, curvatures=(0.1, 10.0))
+    meta = _meta(lopt)
+    true = _full_episode_gradient(lopt, task, meta, truncation=2, horizon=8)
+    tbptt = _episode_sum(
+        TruncatedBPTT(lopt, task, population=1, truncation=2, horizon=8), meta, _gen()
+    )
+    assert true["log_lr"] < 0 < tbptt["log_lr"]
+
+    pes = PES(lopt, task, population=1024, truncation=2, horizon=8, sigma=1e-3)
+    g = _gen(2)
+    samples = [_episode_sum(pes, meta, g) for _ in range(20)]
+    for key in meta:
+        mean, stderr = _mean_and_stderr(samples, key)
+        assert abs(mean - true[key]) < 4 * stderr, (key, mean, true[key], stderr)
+    mean, stderr = _mean_and_stderr(samples, "log_lr")
+    assert abs(tbptt["log_lr"] - true["log_lr"]) > 10 * stderr
+    assert mean < 0
+
+
+def test_an_episode_restarts_at_the_horizon_with_fresh_instances():
+    lopt, task = MomentumLOpt(), Quadratic(noise=0.1)
+    est = TruncatedBPTT(lopt, task, population=3, truncation=2, horizon=5)
+    meta, g = _meta(lopt), _gen()
+    state = est.init(meta, g)
+    first_seeds = state["carry"]["seeds"].clone()
+    progress = []
+    for _ in range(3):  # truncations of 2, 2 and (shortened) 1 steps
+        result = est.estimate(meta, state, g)
+        state = result.state
+        progress.append((result.metrics["truncation"], result.metrics["episode_progress"]))
+        assert result.metrics["inner_steps"] == 3 * (2 if len(progress) < 3 else 1)
+    assert progress == [(0.0, 0.4), (1.0, 0.8), (2.0, 1.0)]
+    assert result.metrics["episode_done"] == 1.0 and result.metrics["episode"] == 0.0
+    carry = state["carry"]
+    assert state["episode"] == 1 and state["truncation"] == 0
+    assert carry["step"].tolist() == [0, 0, 0]
+    assert not torch.equal(carry["seeds"], first_seeds)
+    torch.testing.assert_close(carry["params"], task.population_init(carry["seeds"].tolist()))
+    assert all(torch.count_nonzero(m) == 0 for m in carry["opt_state"]["m"].values())
+    assert est.estimate(meta, state, g).metrics["episode"] == 1.0
+
+
+def test_pes_accumulates_perturbations_until_the_episode_ends():
+    lopt, task = MomentumLOpt(), Quadratic(noise=0.1)
+    est = PES(lopt, task, population=4, truncation=2, horizon=4, sigma=0.1)
+    meta, g = _meta(lopt), _gen()
+    state = est.init(meta, g)
+    assert state["carry"]["seeds"][:2].tolist() == state["carry"]["seeds"][2:].tolist()
+    assert all(torch.count_nonzero(a) == 0 for a in state["accumulator"].values())
+    mid = est.estimate(meta, state, g).state
+    for xi in mid["accumulator"].values():
+        assert xi.shape[0] == 2 and torch.count_nonzero(xi) == xi.numel()
+    # Antithetic particles now carry different inner states.
+    params = mid["carry"]["params"]["w"]
+    assert not torch.allclose(params[:2], params[2:])
+    end = est.estimate(meta, mid, g).state
+    assert end["episode"] == 1
+    assert all(torch.count_nonzero(a) == 0 for a in end["accumulator"].values())
+
+
+def test_es_pairs_share_instances_and_carry_one_state_each():
+    lopt, task = MomentumLOpt(), Quadratic(noise=0.1)
+    est = ES(lopt, task, population=6, truncation=2, horizon=6)
+    meta, g = _meta(lopt), _gen()
+    state = est.init(meta, g)
+    assert state["carry"]["seeds"].shape == (3,)
+    result = est.estimate(meta, state, g)
+    assert result.state["carry"]["params"]["w"].shape == (3, 2)
+    assert result.metrics["inner_steps"] == 6 * 2
+
+
+def test_log_uniform_horizons_stay_in_range_and_vary():
+    lopt = MomentumLOpt()
+    est = TruncatedBPTT(
+        lopt, Quadratic(), population=1, truncation=2, horizon=64, horizon_schedule="log_uniform"
+    )
+    meta, g = _meta(lopt), _gen()
+    horizons = [est.init(meta, g)["horizon"] for _ in range(300)]
+    assert min(horizons) >= 2 and max(horizons) <= 64
+    assert len(set(horizons)) > 20
+    # Log-uniform: about as many episodes in [2, 8) as in [16, 64).
+    short = sum(h < 8 for h in horizons)
+    long = sum(h >= 16 for h in horizons)
+    assert 0.6 < short / long < 1.6
+
+
+def test_a_task_family_is_resampled_per_episode_and_rebuilt_from_its_seed():
+    lopt, family = MomentumLOpt(), QuadraticFamily()
+    est = ES(lopt, family, population=2, truncation=1, horizon=1)
+    meta, g = _meta(lopt), _gen()
+    state = est.init(meta, g)
+    task_seeds = [state["task_seed"]]
+    for _ in range(6):
+        state = est.estimate(meta, state, g).state
+        task_seeds.append(state["task_seed"])
+    assert len(set(task_seeds)) == 7
+    dims = {est.task_for(s).dim for s in task_seeds}
+    assert len(dims) > 1  # different task structures over episodes
+    built = family.built
+    assert est.task_for(task_seeds[-1]) is est.task_for(task_seeds[-1])  # cached
+    assert family.built == built
+
+
+@pytest.mark.parametrize("name", ["tbptt", "es", "pes"])
+def test_state_round_trips_through_torch_save_and_resumes_identically(name):
+    kwargs = {"sigma": 0.05} if name != "tbptt" else {}
+    lopt = MomentumLOpt()
+
+    def make():
+        return get_estimator(
+            name,
+            lopt=lopt,
+            task=QuadraticFamily(),
+            population=4,
+            truncation=2,
+            horizon=5,
+            horizon_schedule="log_uniform",
+            meta_loss="clipped",
+            **kwargs,
+        )
+
+    est, meta, g = make(), _meta(lopt), _gen(3)
+    state = est.init(meta, g)
+    for _ in range(2):
+        state = est.estimate(meta, state, g).state
+    buffer = io.BytesIO()
+    torch.save({"state": state, "generator": g.get_state()}, buffer)
+    continued = [est.estimate(meta, state, g) for _ in range(1)]
+    for _ in range(3):
+        continued.append(est.estimate(meta, continued[-1].state, g))
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_est, resumed_g = make(), torch.Generator()
+    resumed_g.set_state(saved["generator"])
+    resumed = [resumed_est.estimate(meta, saved["state"], resumed_g)]
+    for _ in range(3):
+        resumed.append(resumed_est.estimate(meta, resumed[-1].state, resumed_g))
+    for a, b in zip(continued, resumed):
+        torch.testing.assert_close(a.grads, b.grads, rtol=0, atol=0)
+        assert a.metrics == b.metrics
+    torch.testing.assert_close(continued[-1].state, resumed[-1].state, rtol=0, atol=0)
+
+
+def test_nonfinite_inner_losses_are_reported_and_restart_the_episode():
+    lopt = MomentumLOpt(lr=1e30)
+    est = TruncatedBPTT(lopt, Quadratic(), population=2, truncation=20, horizon=100)
+    meta, g = _meta(lopt), _gen()
+    result = est.estimate(meta, est.init(meta, g), g)
+    assert result.metrics["nonfinite"] > 0
+    assert not all(torch.isfinite(v).all() for v in result.grads.values())
+    assert result.metrics["episode_done"] == 1.0
+    assert result.state["episode"] == 1 and result.state["carry"]["step"].tolist() == [0, 0]
+
+
+def test_the_same_generator_seed_gives_the_same_estimates():
+    lopt = MomentumLOpt()
+    runs = []
+    for _ in range(2):
+        est = PES(lopt, Quadratic(noise=0.2), population=4, truncation=2, horizon=4, sigma=0.1)
+        meta, g = _meta(lopt), _gen(7)
+        state, grads = est.init(meta, g), []
+        for _ in range(3):
+            result = est.estimate(meta, state, g)
+            state = result.state
+            grads.append(result.grads)
+        runs.append(grads)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+def test_metrics_report_the_truncation():
+    lopt = MomentumLOpt()
+    result = get_estimator("es", lopt=lopt, task=Quadratic(), population=4, truncation=3, horizon=9)
+    metrics = result.estimate(_meta(lopt), result.init(_meta(lopt), _gen()), _gen()).metrics
+    assert set(metrics) >= {
+        "meta_loss",
+        "inner_loss",
+        "nonfinite",
+        "inner_steps",
+        "truncation",
+        "episode",
+        "episode_progress",
+        "horizon",
+        "episode_done",
+    }
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["inner_steps"] == 12.0 and metrics["episode_progress"] == pytest.approx(1 / 3)
+
+
+def test_get_estimator_builds_registered_estimators_and_rejects_unknown_names():
+    lopt, task = MomentumLOpt(), Quadratic()
+    for name, cls in [("tbptt", TruncatedBPTT), ("es", ES), ("pes", PES)]:
+        est = get_estimator(name, lopt=lopt, task=task, population=2, truncation=1, horizon=2)
+        assert type(est) is cls and isinstance(est, GradientEstimator) and est.name == name
+    with pytest.raises(ValueError, match=r"unknown estimator 'adam'.*tbptt"):
+        get_estimator("adam", lopt=lopt, task=task)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "key"),
+    [
+        ("tbptt", {"truncation": 0}, "truncation"),
+        ("tbptt", {"horizon": 0}, "horizon"),
+        ("tbptt", {"population": 0}, "population"),
+        ("tbptt", {"population": 2.5}, "population"),
+        ("tbptt", {"truncation": 10, "horizon": 5}, "truncation"),
+        ("tbptt", {"meta_loss": "accuracy"}, "meta_loss"),
+        ("tbptt", {"horizon_schedule": "cosine"}, "horizon_schedule"),
+        ("tbptt", {"horizon_schedule": "log_uniform", "min_horizon": 200}, "min_horizon"),
+        ("es", {"population": 3}, "population"),
+        ("pes", {"population": 5}, "population"),
+        ("es", {"sigma": 0.0}, "sigma"),
+        ("pes", {"sigma": -1.0}, "sigma"),
+        ("pes", {"sigma": float("nan")}, "sigma"),
+    ],
+)
+def test_bad_configuration_is_rejected_naming_the_key(name, kwargs, key):
+    config = {"population": 4, "truncation": 2, "horizon": 10, **kwargs}
+    with pytest.raises(ValueError, match=key):
+        get_estimator(name, lopt=MomentumLOpt(), task=Quadratic(), **config)
+
+
+def test_task_must_be_a_task_or_a_family():
+    with pytest.raises(TypeError, match="Task or a TaskFamily"):
+        TruncatedBPTT(MomentumLOpt(), "quadratic", population=1, truncation=1, horizon=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tbptt", "es", "pes"])
+def test_estimates_on_cuda_match_cpu(name):
+    lopt = MomentumLOpt()
+    kwargs = {} if name == "tbptt" else {"sigma": 0.05}
+    results = {}
+    for device in ["cpu", "cuda"]:
+        est = get_estimator(
+            name,
+            lopt=lopt,
+            task=Quadratic(noise=0.2),
+            population=4,
+            truncation=2,
+            horizon=4,
+            device=device,
+            **kwargs,
+        )
+        meta = {k: v.to(device) for k, v in _meta(lopt).items()}
+        g = _gen(5)
+        state = est.init(meta, g)
+        assert state["carry"]["params"]["w"].device.type == device
+        result = est.estimate(meta, est.estimate(meta, state, g).state, g)
+        assert all(v.device.type == device for v in result.grads.values())
+        results[device] = {k: v.cpu() for k, v in result.grads.items()}
+    torch.testing.assert_close(results["cuda"], results["cpu"])
+
+
+@pytest.mark.parametrize("name", ["tbptt", "es", "pes"])
+def test_estimators_train_the_library_lopt_on_a_library_task_family(name):
+    from l2o.learned import get_lopt
+    from l2o.tasks import get_family
+
+    lopt = get_lopt("mlp")
+    kwargs = {} if name == "tbptt" else {"sigma": 0.01}
+    est = get_estimator(
+        name,
+        lopt=lopt,
+        task=get_family("quadratic"),
+        population=2,
+        truncation=2,
+        horizon=3,
+        **kwargs,
+    )
+    g = _gen()
+    meta = lopt.init_meta(g)
+    state = est.init(meta, g)
+    for _ in range(2):  # the second truncation ends the episode and samples a new task
+        result = est.estimate(meta, state, g)
+        state = result.state
+        assert result.metrics["nonfinite"] == 0.0
+        assert set(result.grads) == set(meta)
+        for key, grad in result.grads.items():
+            assert grad.shape == meta[key].shape and torch.isfinite(grad).all()
+        assert any(grad.abs().sum() > 0 for grad in result.grads.values())
+    assert result.metrics["episode_done"] == 1.0 and state["episode"] == 1

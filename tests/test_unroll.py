@@ -1,0 +1,204 @@
+"""The vmapped truncated unroll (l2o.meta.unroll) and the meta-losses (l2o.meta.losses)."""
+
+import math
+
+import pytest
+import torch
+from _meta_fixtures import MomentumLOpt, MomentumRule, Quadratic
+
+from l2o.meta.losses import META_LOSSES, MetaLossTerms, get_meta_loss
+from l2o.meta.unroll import count_nonfinite, init_carry, map_tree, unroll
+from l2o.optim.base import apply_updates
+
+
+def _rule(lr=0.1, beta=0.6, decay=0.5):
+    return MomentumRule(
+        torch.tensor(math.log(lr), dtype=torch.float64),
+        torch.tensor(math.log(beta / (1 - beta)), dtype=torch.float64),
+        decay,
+    )
+
+
+def _member(tree, i):
+    return map_tree(lambda t: t[i], tree)
+
+
+def _loop_reference(rule, task, carry, num_steps):
+    """Member by member in plain Python with torch.autograd: the reference for ``unroll``."""
+    members = []
+    for i, (seed, first) in enumerate(zip(carry["seeds"].tolist(), carry["step"].tolist())):
+        params, state = _member(carry["params"], i), _member(carry["opt_state"], i)
+        losses = []
+        for k in range(num_steps):
+            leaves = {n: v.detach().requires_grad_() for n, v in params.items()}
+            loss = task.loss(leaves, task.batch(seed, first + k))
+            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+            updates, state = rule.update(grads, state, params, step=first + k)
+            params = apply_updates(params, updates)
+            losses.append(loss.detach())
+        final = task.loss(params, task.batch(seed, first + num_steps))
+        members.append((params, state, torch.stack(losses), final))
+    return members
+
+
+def _staggered_carry(rule, task, seeds=(11, 12, 13), steps=(0, 3, 1)):
+    carry = init_carry(rule, task, torch.tensor(seeds))
+    # Members at different inner steps: the rule sees each member's own step.
+    return dict(carry, step=torch.tensor(steps))
+
+
+def test_vmapped_unroll_matches_a_python_loop_over_instances():
+    task, rule = Quadratic(dim=3, noise=0.3), _rule()
+    carry = _staggered_carry(rule, task)
+    out = unroll(rule, task, carry, 4)
+    reference = _loop_reference(rule, task, carry, 4)
+    assert out.losses.shape == (4, 3) and out.terms.train.shape == (4, 3)
+    for i, (params, state, losses, final) in enumerate(reference):
+        torch.testing.assert_close(_member(out.carry["params"], i), params)
+        torch.testing.assert_close(_member(out.carry["opt_state"], i), state)
+        torch.testing.assert_close(out.losses[:, i], losses)
+        # Meta-loss terms are the losses *after* each update: the next step's loss, then final.
+        torch.testing.assert_close(out.terms.train[:, i], torch.cat([losses[1:], final[None]]))
+    assert out.carry["step"].tolist() == [4, 7, 5]
+    assert torch.equal(out.carry["seeds"], carry["seeds"])
+    # The initial loss is the loss at the episode's first parameters, on its first batch.
+    assert torch.equal(out.terms.initial, carry["initial_loss"])
+    assert out.terms.initial[0] == out.losses[0, 0]
+
+
+def test_consecutive_truncations_equal_one_long_unroll():
+    task, rule = Quadratic(noise=0.2), _rule()
+    carry = init_carry(rule, task, torch.tensor([5, 6]))
+    long = unroll(rule, task, carry, 7)
+    first = unroll(rule, task, carry, 3)
+    second = unroll(rule, task, first.carry, 4)
+    torch.testing.assert_close(torch.cat([first.losses, second.losses]), long.losses)
+    torch.testing.assert_close(second.carry["params"], long.carry["params"])
+    torch.testing.assert_close(second.terms.initial, long.terms.initial)
+
+
+def test_per_member_meta_params_match_separate_shared_rule_unrolls():
+    lopt, task = MomentumLOpt(decay=0.3), Quadratic(noise=0.2)
+    metas = [
+        {"log_lr": torch.tensor(v), "logit_beta": torch.tensor(b)}
+        for v, b in [(-2.0, 0.0), (-1.0, 1.0), (-3.0, -1.0)]
+    ]
+    metas = [{k: v.double() for k, v in m.items()} for m in metas]
+    stacked = {k: torch.stack([m[k] for m in metas]) for k in metas[0]}
+    seeds = torch.tensor([1, 2, 3])
+    carry = init_carry(lopt.rule, task, seeds, population_meta_params=stacked)
+    with torch.no_grad():  # the ES / PES setting: no autograd through the unroll
+        out = unroll(lopt.rule, task, carry, 5, population_meta_params=stacked)
+    for i, meta in enumerate(metas):
+        rule = lopt.rule(meta)
+        alone = unroll(rule, task, init_carry(rule, task, seeds[i : i + 1]), 5)
+        torch.testing.assert_close(out.losses[:, i], alone.losses[:, 0].detach())
+        torch.testing.assert_close(
+            _member(out.carry["params"], i), _member(alone.carry["params"], 0)
+        )
+
+
+def _meta_gradient(checkpoint):
+    lopt, task = MomentumLOpt(decay=0.2), Quadratic(dim=3, noise=0.2)
+    meta = {k: v.requires_grad_() for k, v in lopt.init_meta(torch.Generator()).items()}
+    rule = lopt.rule(meta)
+    carry = init_carry(rule, task, torch.tensor([1, 2]))
+    out = unroll(rule, task, carry, 6, checkpoint=checkpoint, eval_mode="each")
+    objective = out.terms.train.mean() + out.terms.eval.mean()
+    return torch.autograd.grad(objective, list(meta.values())), out
+
+
+def test_checkpointing_inner_steps_leaves_losses_and_meta_gradient_unchanged():
+    plain, plain_out = _meta_gradient(checkpoint=False)
+    checked, checked_out = _meta_gradient(checkpoint=True)
+    torch.testing.assert_close(checked, plain)
+    torch.testing.assert_close(checked_out.losses, plain_out.losses)
+    assert all(g.abs().sum() > 0 for g in plain)
+
+
+class _EvalSetQuadratic(Quadratic):
+    """Overrides eval_loss (as a task with a full held-out set would): mean over 3 eval batches."""
+
+    def eval_loss(self, params, seed, step=0):
+        batches = [self.batch(seed, step + j, "eval") for j in range(3)]
+        return torch.stack([self.loss(params, b) for b in batches]).mean()
+
+
+@pytest.mark.parametrize("task_cls", [Quadratic, _EvalSetQuadratic])
+def test_held_out_losses_are_the_tasks_eval_losses_after_each_update(task_cls):
+    task, rule = task_cls(noise=0.5), _rule()
+    carry = init_carry(rule, task, torch.tensor([3, 4]))
+    each = unroll(rule, task, carry, 3, eval_mode="each")
+    final = unroll(rule, task, carry, 3, eval_mode="final")
+    assert each.terms.eval.shape == (3, 2) and final.terms.eval.shape == (1, 2)
+    assert unroll(rule, task, carry, 3).terms.eval is None
+    params = final.carry["params"]
+    expected = torch.stack([task.eval_loss(_member(params, i), s, 3) for i, s in enumerate([3, 4])])
+    torch.testing.assert_close(final.terms.eval[0], expected)
+    torch.testing.assert_close(each.terms.eval[-1], expected)
+    # Held-out data differs from training data.
+    assert not torch.allclose(each.terms.eval[-1], each.terms.train[-1])
+
+
+def test_nonfinite_inner_losses_are_counted():
+    task, rule = Quadratic(noise=0.0), _rule(lr=1e30, decay=0.0)
+    carry = init_carry(rule, task, torch.tensor([1, 2]))
+    out = unroll(rule, task, carry, 20)
+    assert count_nonfinite(out) > 0
+    assert count_nonfinite(unroll(_rule(), task, carry, 5)) == 0
+
+
+def test_unroll_rejects_bad_arguments():
+    task, rule = Quadratic(), _rule()
+    carry = init_carry(rule, task, torch.tensor([1]))
+    with pytest.raises(ValueError, match="num_steps"):
+        unroll(rule, task, carry, 0)
+    with pytest.raises(ValueError, match="eval_mode"):
+        unroll(rule, task, carry, 1, eval_mode="sometimes")
+    with pytest.raises(TypeError, match="UpdateRule"):
+        unroll(MomentumLOpt().rule, task, carry, 1)
+
+
+# -- meta-losses ---------------------------------------------------------------------------
+
+
+def _terms():
+    train = torch.tensor([[4.0, 1.0], [2.0, 8.0], [1.0, 0.5]], dtype=torch.float64)
+    initial = torch.tensor([4.0, 2.0], dtype=torch.float64)
+    held_out = torch.tensor([[5.0, 2.0], [3.0, 9.0], [2.0, 1.5]], dtype=torch.float64)
+    return MetaLossTerms(train, initial, held_out)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("train_mean", [7.0 / 3, 9.5 / 3]),
+        ("eval", [10.0 / 3, 12.5 / 3]),
+        ("eval_final", [2.0, 1.5]),
+        ("log", [math.log(8.0) / 3, math.log(4.0) / 3]),
+        ("normalized", [7.0 / 12, 9.5 / 6]),
+        ("clipped", [(1.0 + 0.5 + 0.25) / 3, (0.5 + 1.0 + 0.25) / 3]),
+    ],
+)
+def test_meta_losses_follow_their_formulas(name, expected):
+    value = get_meta_loss(name)(_terms())
+    torch.testing.assert_close(value, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_meta_loss_registry_names_and_errors():
+    assert set(META_LOSSES) == {"train_mean", "eval", "eval_final", "log", "normalized", "clipped"}
+    assert get_meta_loss("eval").eval_mode == "each"
+    assert get_meta_loss("eval_final").eval_mode == "final"
+    assert get_meta_loss("train_mean").eval_mode == "none"
+    with pytest.raises(ValueError, match=r"unknown meta_loss 'nope'.*train_mean"):
+        get_meta_loss("nope")
+    with pytest.raises(ValueError, match="held-out"):
+        get_meta_loss("eval")(_terms()._replace(eval=None))
+
+
+def test_clipped_meta_loss_ignores_a_diverging_member_beyond_its_initial_loss():
+    terms = _terms()._replace(
+        train=torch.tensor([[1e30], [float("inf")]], dtype=torch.float64),
+        initial=torch.tensor([2.0], dtype=torch.float64),
+    )
+    assert get_meta_loss("clipped")(terms).item() == 1.0
