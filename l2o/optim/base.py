@@ -37,7 +37,7 @@ Params = dict[str, Tensor]
 State = dict[str, Any]
 LossFn = Callable[[Params], Tensor]
 Step = Union[int, Tensor]
-Schedule = Callable[[Step], Union[float, Tensor]]
+Schedule = Callable[[Step], float | Tensor]
 LearningRate = Union[float, Schedule]
 
 

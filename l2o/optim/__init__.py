@@ -1,0 +1,52 @@
+"""Hand-designed optimizers: pure update rules, LR schedules and drop-in ``torch.optim`` classes.
+
+- rules (:mod:`l2o.optim.rules`, :mod:`l2o.optim.lbfgs`): ``get("adam", lr=1e-3)`` or
+  ``rules.Adam(lr=1e-3)``; pure ``init``/``update`` over dicts of tensors (see
+  :mod:`l2o.optim.base`), for unrolls under ``torch.func``;
+- classes: ``Adam(model.parameters(), lr=1e-3)``, ``get_class("adam")`` or
+  ``RuleOptimizer(model.parameters(), rule)`` for any rule, as ``torch.optim`` optimizers;
+- schedules (:mod:`l2o.optim.schedules`): pure functions of the step, usable as a rule's ``lr``.
+
+The classes carry ``torch.optim``'s names (``l2o.optim.Adam`` is the optimizer class); the rules
+of the same names live in :mod:`l2o.optim.rules`.
+"""
+
+from l2o.optim import lbfgs, rules, schedules
+from l2o.optim.adapter import RuleOptimizer
+from l2o.optim.base import UpdateRule, apply_updates
+from l2o.optim.lbfgs import LBFGSOptimizer as LBFGS
+from l2o.optim.optimizers import (
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    AMSGrad,
+    NAdam,
+    RMSprop,
+)
+from l2o.optim.registry import get, get_class, names, register
+
+__all__ = [
+    "LBFGS",
+    "SGD",
+    "AMSGrad",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RMSprop",
+    "RuleOptimizer",
+    "UpdateRule",
+    "apply_updates",
+    "get",
+    "get_class",
+    "lbfgs",
+    "names",
+    "register",
+    "rules",
+    "schedules",
+]

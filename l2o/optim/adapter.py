@@ -1,0 +1,267 @@
+"""One ``torch.optim.Optimizer`` that runs any :class:`~l2o.optim.base.UpdateRule`.
+
+``RuleOptimizer(params, rule, **overrides)`` keeps ``torch.optim``'s whole contract, so LR
+schedulers, ``state_dict`` checkpoints and ``step(closure)`` loops work unchanged:
+
+- the rule's fields are the optimizer's ``defaults``, so every param group carries them and the
+  rule is rebuilt from the group (``rule.replace(lr=group["lr"], ...)``) at every step: whatever
+  a scheduler writes into a group (``lr``, ``momentum``, ``betas``) takes effect;
+- each group's params that have a gradient form the dict ``{str(index_in_group): tensor}`` the
+  rule sees; params without a gradient are skipped, as ``torch.optim`` skips them;
+- state is created lazily. Per-parameter slots of the rule state go to ``state[p]`` under
+  their path (``"exp_avg"``, or ``"a/b"`` for a nested slot); the group's update counter
+  (``"step"``, an int64 tensor) and the rule's global slots (``"group:<path>"``) go to the state
+  of the group's first param;
+- updates are applied in place under ``no_grad``.
+
+One step counter per group, not per parameter as in ``torch.optim``: a parameter that first
+gets a gradient after the group's first update starts with fresh slots at the group's step, so
+its first bias corrections (Adam family) and first momentum buffer (SGD) differ from what
+``torch.optim`` would do for it. Every parameter that has a gradient from the first update on
+follows ``torch.optim`` exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from l2o.optim.base import Params, State, UpdateRule
+
+STEP = "step"
+GROUP_PREFIX = "group:"
+_SEPARATOR = "/"
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """Run ``rule`` on every param group; ``overrides`` replace the rule's hyper-parameters.
+
+    Args:
+        params: an iterable of tensors or of param-group dicts, as for any ``torch.optim``
+            optimizer; a group's keys that name rule fields override the defaults.
+        rule: the update rule; its fields become the optimizer's ``defaults``.
+        **overrides: hyper-parameters replaced in ``rule`` (``lr=0.1``).
+    """
+
+    def __init__(self, params: Iterable[Any], rule: UpdateRule, **overrides: Any) -> None:
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule must be an l2o UpdateRule, got {type(rule).__name__}")
+        self.rule = _replace_checked(rule, overrides)
+        defaults = {name: getattr(self.rule, name) for name in self.rule.hyperparameter_names()}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._group_rule(self.param_groups[-1])  # a bad hyper-parameter fails here, not mid-run
+
+    def _group_rule(self, group: Mapping[str, Any]) -> UpdateRule:
+        names = self.rule.hyperparameter_names()
+        return self.rule.replace(**{k: group[k] for k in names if k in group})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every param group; returns the closure's loss (or None)."""
+        probing = self.rule.needs_loss_fn
+        if probing and closure is None:
+            raise RuntimeError(
+                f"{type(self.rule).__name__} evaluates the loss at other points, so "
+                f"{type(self).__name__}.step needs a closure: "
+                "optimizer.step(closure) with a closure that zeroes the gradients, computes the "
+                "loss, calls loss.backward() and returns the loss"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # A probing rule's closure calls rewrite every .grad: take all groups' gradients now.
+        grads = {
+            p: (p.grad.detach().clone() if probing else p.grad.detach())
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        }
+        known_loss = _detached(loss) if probing else None
+        for group in self.param_groups:
+            if self._step_group(group, grads, closure, known_loss):
+                known_loss = None  # parameters moved: the closure's loss is stale
+        return loss
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        all_grads: Mapping[Tensor, Tensor],
+        closure: Callable[[], Any] | None,
+        known_loss: Tensor | None,
+    ) -> bool:
+        live = {str(i): p for i, p in enumerate(group["params"]) if p in all_grads}
+        if not live:
+            return False
+        grads = {k: all_grads[p] for k, p in live.items()}
+        if any(g.is_sparse for g in grads.values()):
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients; use dense gradients "
+                "(e.g. nn.Embedding(..., sparse=False)) or torch.optim.SparseAdam"
+            )
+        rule = self._group_rule(group)
+        anchor = self.state[group["params"][0]]
+        self._init_new_params(rule, live, anchor)
+        state = _join_state({k: self.state[p] for k, p in live.items()}, anchor)
+        step = int(anchor[STEP])
+
+        if rule.needs_loss_fn:
+            # The closure moves the live parameters: the rule gets copies, and the parameters
+            # are put back before the update is applied.
+            params = {k: p.detach().clone() for k, p in live.items()}
+            loss_fn = self._loss_fn(closure, live, known_loss)
+            updates, new_state = rule.update(grads, state, params, step=step, loss_fn=loss_fn)
+            if loss_fn.evaluations:
+                for k, p in live.items():
+                    p.copy_(params[k])
+        else:
+            params = {k: p.detach() for k, p in live.items()}
+            updates, new_state = rule.update(grads, state, params, step=step)
+
+        # The rule may hand back a gradient or parameter tensor as a state slot (SGD's first
+        # momentum buffer is the gradient); own a copy before p.add_ or zero_grad touch it.
+        borrowed = {_storage(t) for t in (*params.values(), *grads.values())}
+        new_state = _map_tensors(lambda t: t.clone() if _storage(t) in borrowed else t, new_state)
+        for k, p in live.items():
+            p.add_(updates[k])
+        _store_state(new_state, {k: self.state[p] for k, p in live.items()}, anchor)
+        anchor[STEP] = torch.tensor(step + 1)
+        return True
+
+    def _loss_fn(
+        self, closure: Callable[[], Any], live: Params, known_loss: Tensor | None
+    ) -> ClosureLoss:
+        """The ``loss_fn`` a probing rule gets (subclasses may evaluate another closure)."""
+        return ClosureLoss(closure, live, loss=known_loss)
+
+    def _init_new_params(self, rule: UpdateRule, live: Params, anchor: dict[str, Any]) -> None:
+        new = {k: p for k, p in live.items() if not _has_slots(self.state[p])}
+        if not new:
+            return
+        initial = rule.init({k: p.detach() for k, p in new.items()})
+        first_update = STEP not in anchor
+        _store_state(
+            initial, {k: self.state[p] for k, p in new.items()}, anchor if first_update else None
+        )
+        if first_update:
+            anchor[STEP] = torch.tensor(0)
+
+
+class ClosureLoss:
+    """The ``loss_fn`` a probing rule gets from :class:`RuleOptimizer`: it writes the given
+    values into the live parameters and runs the user's closure under ``enable_grad``.
+
+    ``loss_fn(values)`` returns the (detached) loss; ``loss_fn.value_and_grad(values)`` also
+    returns the gradients the closure left in ``p.grad`` (see
+    :func:`l2o.optim.base.value_and_grad`). ``loss_fn.loss`` is the loss at the parameters the
+    rule is called with when the optimizer already knows it (the closure ran at the start of
+    ``step``), else None, so a rule need not evaluate it again.
+    """
+
+    def __init__(
+        self, closure: Callable[[], Any], params: Params, *, loss: Tensor | None = None
+    ) -> None:
+        self.closure = closure
+        self.params = params
+        self.loss = loss
+        self.evaluations = 0
+
+    def __call__(self, values: Params) -> Tensor:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(values[k])
+        with torch.enable_grad():
+            loss = self.closure()
+        self.evaluations += 1
+        return _detached(loss)
+
+    def value_and_grad(self, values: Params) -> tuple[Tensor, Params]:
+        loss = self(values)
+        grads = {
+            k: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            for k, p in self.params.items()
+        }
+        return loss, grads
+
+
+# --- rule state <-> torch.optim state -----------------------------------------------------------
+
+
+def _replace_checked(rule: UpdateRule, changes: Mapping[str, Any]) -> UpdateRule:
+    unknown = sorted(set(changes) - set(rule.hyperparameter_names()))
+    if unknown:
+        raise TypeError(
+            f"{type(rule).__name__} has no hyper-parameter {', '.join(map(repr, unknown))}; "
+            f"its hyper-parameters are {', '.join(rule.hyperparameter_names())}"
+        )
+    return rule.replace(**changes) if changes else rule
+
+
+def _is_reserved(key: str) -> bool:
+    return key == STEP or key.startswith(GROUP_PREFIX)
+
+
+def _has_slots(param_state: Mapping[str, Any]) -> bool:
+    return any(not _is_reserved(key) for key in param_state)
+
+
+def _store_state(
+    state: State, per_param: Mapping[str, dict[str, Any]], anchor: dict[str, Any] | None
+) -> None:
+    """Write ``state`` into ``per_param[k]`` (slots keyed like the params) and ``anchor``
+    (global slots; skipped when ``anchor`` is None)."""
+    keys = set(per_param)
+
+    def visit(node: Mapping[str, Any], path: str) -> None:
+        for name, value in node.items():
+            if _SEPARATOR in name or ":" in name or (not path and name == STEP):
+                raise ValueError(f"state slot name {name!r} is reserved by RuleOptimizer")
+            slot = path + name
+            if isinstance(value, Mapping) and value and set(value) == keys:
+                for k, tensor in value.items():
+                    per_param[k][slot] = tensor
+            elif isinstance(value, Mapping):
+                visit(value, slot + _SEPARATOR)
+            elif anchor is not None:
+                anchor[GROUP_PREFIX + slot] = value
+
+    visit(state, "")
+
+
+def _join_state(per_param: Mapping[str, Mapping[str, Any]], anchor: Mapping[str, Any]) -> State:
+    """The rule state for the params ``per_param`` is keyed by (inverse of ``_store_state``)."""
+    state: State = {}
+    for key, value in anchor.items():
+        if key.startswith(GROUP_PREFIX):
+            _nested_set(state, key[len(GROUP_PREFIX) :].split(_SEPARATOR), value)
+    for k, param_state in per_param.items():
+        for slot, value in param_state.items():
+            if not _is_reserved(slot):
+                _nested_set(state, [*slot.split(_SEPARATOR), k], value)
+    return state
+
+
+def _nested_set(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _map_tensors(fn, v) for k, v in tree.items()}
+    return fn(tree) if isinstance(tree, Tensor) else tree
+
+
+def _detached(loss: Any) -> Tensor:
+    return loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
