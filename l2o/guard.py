@@ -1,0 +1,308 @@
+"""LGL2O: the loss-guarded learned optimizer (Prémont-Schwarz, Vítků, Feyereisl, ICML 2022).
+
+At step k with parameters x_k, gradient g_k and a loss evaluator f::
+
+    x_L, sL' = learned.update(g_k, sL, x_k)     # learned candidate; learned state always advances
+    x_F, sF' = fallback.update(g_k, sF, x_k)    # fallback candidate; fallback state always advances
+    x_{k+1}  = x_L if f(x_L) <= f(x_F) else x_F
+
+A non-finite learned candidate or loss always loses; if the fallback candidate is non-finite
+too, no step is taken. If the fallback converges (SGD on strongly convex smooth losses, per the
+paper), so does the guarded optimizer, because every accepted step is at least as good as the
+fallback's.
+
+Comparisons cost two loss evaluations. ``compare_every=n`` compares only every n-th step and in
+between reuses the last winner (still rejecting a non-finite learned update, which is free to
+detect). The guard is itself an :class:`~l2o.optim.base.UpdateRule` (``needs_loss_fn``), so it
+vmaps inside meta-training unrolls and runs under the generic ``torch.optim`` adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from l2o.learned.optimizer import CheckpointedOptimizer, CheckpointedRules
+from l2o.optim import registry
+from l2o.optim.adapter import GROUP_PREFIX, ClosureLoss
+from l2o.optim.base import (
+    LossFn,
+    Params,
+    State,
+    Step,
+    UpdateRule,
+    apply_updates,
+    check_hyperparameter,
+)
+
+#: How many recent choices ``accept_rate`` averages over.
+ACCEPT_WINDOW = 100
+
+LEARNED, FALLBACK, NO_STEP = 1, 0, -1
+
+
+def _all_finite(tree: Params) -> Tensor:
+    flags = [torch.isfinite(v).all() for v in tree.values()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardRule(UpdateRule):
+    """Compose a learned rule and a fallback rule into the LGL2O rule.
+
+    Args:
+        learned: the learned update rule (any :class:`UpdateRule`).
+        fallback: the hand-designed rule whose convergence the guard inherits.
+        lr: multiplier on the learned update (what LR schedulers scale).
+        compare_every: compare losses on every n-th step (1 = every step).
+    """
+
+    learned: UpdateRule
+    fallback: UpdateRule
+    lr: float = 1.0
+    compare_every: int = 1
+
+    needs_loss_fn: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name in ("learned", "fallback"):
+            if not isinstance(getattr(self, name), UpdateRule):
+                raise TypeError(
+                    f"GuardRule.{name} must be an UpdateRule, got {getattr(self, name)!r}"
+                )
+        check_hyperparameter("lr", self.lr)
+        if not isinstance(self.compare_every, int) or self.compare_every < 1:
+            raise ValueError(f"compare_every must be an integer >= 1, got {self.compare_every!r}")
+
+    @classmethod
+    def hyperparameter_names(cls) -> tuple[str, ...]:
+        # The two rules are fixed for the guard's lifetime; these are what param groups carry.
+        return ("lr", "compare_every")
+
+    def init(self, params: Params) -> State:
+        device = next(iter(params.values())).device
+        counter = torch.zeros((), dtype=torch.int64, device=device)
+        return {
+            "learned": self.learned.init(params),
+            "fallback": self.fallback.init(params),
+            "learned_steps": counter,
+            "fallback_steps": counter.clone(),
+            "skipped_steps": counter.clone(),
+            "comparisons": counter.clone(),
+            "last_choice": torch.full((), LEARNED, dtype=torch.int64, device=device),
+            # Ring buffer of recent choices (1 learned, 0 otherwise) for the acceptance rate.
+            "recent": torch.zeros(ACCEPT_WINDOW, dtype=torch.int64, device=device),
+            "recent_count": counter.clone(),
+        }
+
+    def update(
+        self,
+        grads: Params,
+        state: State,
+        params: Params,
+        *,
+        step: Step,
+        loss_fn: LossFn | None = None,
+    ) -> tuple[Params, State]:
+        if loss_fn is None:
+            raise ValueError(
+                "the LGL2O guard compares losses and needs loss_fn; with the torch.optim class, "
+                "call optimizer.step(closure) with a closure that returns the loss"
+            )
+        fallback_loss_fn = loss_fn if self.fallback.needs_loss_fn else None
+        learned_updates, learned_state = self.learned.update(
+            grads, state["learned"], params, step=step
+        )
+        learned_updates = {k: u * self.lr for k, u in learned_updates.items()}
+        fallback_updates, fallback_state = self.fallback.update(
+            grads, state["fallback"], params, step=step, loss_fn=fallback_loss_fn
+        )
+        learned_ok = _all_finite(learned_updates)
+        fallback_ok = _all_finite(fallback_updates)
+
+        if self._compares_at(step):
+            choice = self._compare(params, learned_updates, fallback_updates, loss_fn)
+            compared = torch.ones((), dtype=torch.int64, device=choice.device)
+        else:
+            choice = state["last_choice"]
+            compared = torch.zeros((), dtype=torch.int64, device=choice.device)
+        # Whatever was decided, a non-finite candidate never reaches the parameters.
+        choice = torch.where((choice == LEARNED) & ~learned_ok, FALLBACK, choice)
+        choice = torch.where((choice == FALLBACK) & ~fallback_ok, NO_STEP, choice)
+
+        updates = {
+            k: torch.where(
+                choice == LEARNED,
+                learned_updates[k],
+                torch.where(choice == FALLBACK, fallback_updates[k], torch.zeros_like(p)),
+            )
+            for k, p in params.items()
+        }
+        took_learned = (choice == LEARNED).long()
+        slot = state["recent_count"] % ACCEPT_WINDOW
+        recent = torch.where(
+            torch.arange(ACCEPT_WINDOW, device=slot.device) == slot, took_learned, state["recent"]
+        )
+        new_state = {
+            "learned": learned_state,
+            "fallback": fallback_state,
+            "learned_steps": state["learned_steps"] + took_learned,
+            "fallback_steps": state["fallback_steps"] + (choice == FALLBACK).long(),
+            "skipped_steps": state["skipped_steps"] + (choice == NO_STEP).long(),
+            "comparisons": state["comparisons"] + compared,
+            # Remember the side that won the last comparison, not a forced substitution.
+            "last_choice": torch.where(compared.bool(), choice, state["last_choice"]),
+            "recent": recent,
+            "recent_count": state["recent_count"] + 1,
+        }
+        return updates, new_state
+
+    def _compares_at(self, step: Step) -> bool:
+        if self.compare_every == 1:
+            return True
+        # A Python int or an ordinary 0-dim tensor; under vmap the caller steps in lockstep.
+        return int(step) % self.compare_every == 0
+
+    def _compare(
+        self, params: Params, learned_updates: Params, fallback_updates: Params, loss_fn: LossFn
+    ) -> Tensor:
+        learned_loss = loss_fn(apply_updates(params, learned_updates))
+        fallback_loss = loss_fn(apply_updates(params, fallback_updates))
+        learned_loss = torch.as_tensor(learned_loss).detach()
+        fallback_loss = torch.as_tensor(fallback_loss).detach()
+        learned_wins = torch.isfinite(learned_loss) & (
+            (learned_loss <= fallback_loss) | ~torch.isfinite(fallback_loss)
+        )
+        return torch.where(learned_wins, LEARNED, FALLBACK).to(torch.int64)
+
+
+def guard_stats(state: State) -> dict[str, float]:
+    """Counts from a guard state: steps taken by each side and the recent acceptance rate."""
+    seen = min(int(state["recent_count"]), ACCEPT_WINDOW)
+    recent = state["recent"][:seen] if seen < ACCEPT_WINDOW else state["recent"]
+    return {
+        "learned_steps": int(state["learned_steps"]),
+        "fallback_steps": int(state["fallback_steps"]),
+        "skipped_steps": int(state["skipped_steps"]),
+        "comparisons": int(state["comparisons"]),
+        "accept_rate": float(recent.float().mean()) if seen else float("nan"),
+        "last_choice": {LEARNED: "learned", FALLBACK: "fallback", NO_STEP: "none"}[
+            int(state["last_choice"])
+        ],
+    }
+
+
+class GuardedLearnedOptimizer(CheckpointedOptimizer):
+    """LGL2O as a drop-in ``torch.optim.Optimizer``: a shipped or saved learned optimizer,
+    guarded by a hand-designed fallback.
+
+    ``step(closure)`` needs a closure (it zeroes the gradients, computes the loss, calls
+    ``backward`` and returns the loss): the guard evaluates it at both candidates. By default the
+    losses are compared on the closure's batch; ``step(closure, guard_closure=f)`` compares them
+    on whatever ``f`` computes instead (e.g. a fixed or held-out batch; ``f`` need not call
+    ``backward`` and runs without autograd). Each param group is guarded on its own.
+
+    Args:
+        params: parameters or param-group dicts.
+        checkpoint: a shipped checkpoint name (``"default"``) or a checkpoint path.
+        fallback: a registered optimizer name (:func:`l2o.optim.names`).
+        fallback_kwargs: the fallback's hyper-parameters (e.g. ``{"lr": 1e-3}``).
+        lr: multiplier on the learned step (what LR schedulers scale).
+        compare_every: compare losses every n-th step (in between, the last winner is taken).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        checkpoint: str | os.PathLike = "default",
+        fallback: str = "adam",
+        fallback_kwargs: Mapping[str, Any] | None = None,
+        lr: float = 1.0,
+        compare_every: int = 1,
+    ) -> None:
+        self.learned = CheckpointedRules(checkpoint)
+        fallback_kwargs = dict(fallback_kwargs or {})
+        self.fallback = registry.get(fallback, **fallback_kwargs)
+        if self.fallback.needs_loss_fn:
+            raise ValueError(
+                f"fallback {fallback!r} needs its own loss evaluations; pick a first-order "
+                "fallback (e.g. 'sgd' or 'adam')"
+            )
+        identity = {
+            "checkpoint": self.learned.id,
+            "fallback": fallback,
+            "fallback_kwargs": {k: v for k, v in fallback_kwargs.items() if _plain(v)},
+        }
+        self._guard_closure: Callable[[], Any] | None = None
+
+        def guard_rule(device: torch.device) -> GuardRule:
+            return GuardRule(learned=self.learned.rule(device), fallback=self.fallback)
+
+        super().__init__(params, guard_rule, identity, lr=lr, compare_every=compare_every)
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        guard_closure: Callable[[], Any] | None = None,
+    ) -> Any:
+        """One guarded step; see the class docstring for ``closure`` and ``guard_closure``."""
+        self._guard_closure = guard_closure
+        try:
+            return super().step(closure)
+        finally:
+            self._guard_closure = None
+
+    def _loss_fn(self, closure, live, known_loss):
+        if self._guard_closure is None:
+            return super()._loss_fn(closure, live, known_loss)
+        return ClosureLoss(_without_grad(self._guard_closure), live)
+
+    @property
+    def guard_stats(self) -> dict[str, Any]:
+        """Steps taken by each side, comparisons, recent acceptance rate, summed over groups."""
+        per_group = [
+            guard_stats(self._guard_state(group))
+            for group in self.param_groups
+            if self._guard_state(group) is not None
+        ]
+        if not per_group:
+            return {
+                "learned_steps": 0,
+                "fallback_steps": 0,
+                "skipped_steps": 0,
+                "comparisons": 0,
+                "accept_rate": float("nan"),
+                "last_choice": "none",
+            }
+        total = {k: sum(s[k] for s in per_group) for k in per_group[0] if k not in _NON_SUMMED}
+        total["accept_rate"] = sum(s["accept_rate"] for s in per_group) / len(per_group)
+        total["last_choice"] = per_group[-1]["last_choice"]
+        return total
+
+    def _guard_state(self, group: Mapping[str, Any]) -> State | None:
+        anchor = self.state.get(group["params"][0], {})
+        prefix = GROUP_PREFIX
+        found = {k[len(prefix) :]: v for k, v in anchor.items() if k.startswith(prefix)}
+        return found if "learned_steps" in found else None
+
+
+_NON_SUMMED = ("accept_rate", "last_choice")
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool, type(None))) or (
+        isinstance(value, (tuple, list)) and all(_plain(v) for v in value)
+    )
+
+
+def _without_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.no_grad():
+            return fn()
+
+    return run

@@ -1,0 +1,364 @@
+"""LGL2O guard (l2o.guard): the rule, and the drop-in torch.optim classes."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import l2o
+from l2o.guard import GuardedLearnedOptimizer, GuardRule, guard_stats
+from l2o.learned import MLPLOpt, save_checkpoint
+from l2o.learned.checkpoint import CheckpointError
+from l2o.learned.optimizer import LearnedOptimizer
+from l2o.optim import get
+from l2o.optim.base import UpdateRule, apply_updates
+
+
+def quadratic(seed: int, dim: int = 6, cond: float = 20.0):
+    """f(x) = 0.5 xᵀAx - bᵀx with eigenvalues in [1, cond]: strongly convex, L = cond."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, math.log10(cond), dim, dtype=torch.float64)
+    a = q @ torch.diag(eig) @ q.T
+    b = torch.randn(dim, generator=g, dtype=torch.float64)
+    x0 = {"x": torch.randn(dim, generator=g, dtype=torch.float64) * 3}
+
+    def loss(p):
+        x = p["x"]
+        return 0.5 * x @ a @ x - b @ x
+
+    minimum = loss({"x": torch.linalg.solve(a, b)})
+    return loss, x0, minimum, cond
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledSignRule(UpdateRule):
+    """A deliberately bad 'learned' rule: fixed-size sign steps (never converges exactly)."""
+
+    lr: float = 0.5
+
+    def init(self, params):
+        return {}
+
+    def update(self, grads, state, params, *, step, loss_fn=None):
+        return {k: -self.lr * torch.sign(g) for k, g in grads.items()}, state
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultyRule(UpdateRule):
+    """Returns NaN/Inf updates on chosen steps (fault injection)."""
+
+    bad_steps: tuple = (0, 3, 4)
+
+    def init(self, params):
+        return {"count": torch.zeros((), dtype=torch.int64)}
+
+    def update(self, grads, state, params, *, step, loss_fn=None):
+        bad = int(step) in self.bad_steps
+        fill = float("nan") if int(step) % 2 == 0 else float("inf")
+        ups = {k: torch.full_like(g, fill) if bad else -0.01 * g for k, g in grads.items()}
+        return ups, {"count": state["count"] + 1}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_guard_never_worse_than_better_candidate_and_converges_on_strongly_convex_quadratics(seed):
+    loss, params, minimum, lipschitz = quadratic(seed)
+    learned, fallback = ScaledSignRule(lr=0.3), get("sgd", lr=1.0 / lipschitz)
+    guard = GuardRule(learned=learned, fallback=fallback)
+    state = guard.init(params)
+    for step in range(300):
+        grads = torch.func.grad(loss)(params)
+        # The two candidates, from the guard's own (always advancing) inner states.
+        u_l, _ = learned.update(grads, state["learned"], params, step=step)
+        u_f, _ = fallback.update(grads, state["fallback"], params, step=step)
+        best = min(loss(apply_updates(params, u_l)), loss(apply_updates(params, u_f)))
+        updates, state = guard.update(grads, state, params, step=step, loss_fn=loss)
+        params = apply_updates(params, updates)
+        assert loss(params) <= best + 1e-12
+    assert float(loss(params) - minimum) < 1e-8  # SGD with lr=1/L converges; so does the guard
+    stats = guard_stats(state)
+    assert stats["learned_steps"] > 0 and stats["fallback_steps"] > 0
+    assert stats["learned_steps"] + stats["fallback_steps"] == 300
+
+
+def test_nonfinite_learned_updates_never_reach_parameters():
+    loss, params, _, lipschitz = quadratic(0)
+    guard = GuardRule(learned=FaultyRule(), fallback=get("sgd", lr=1.0 / lipschitz))
+    state = guard.init(params)
+    for step in range(8):
+        grads = torch.func.grad(loss)(params)
+        updates, state = guard.update(grads, state, params, step=step, loss_fn=loss)
+        params = apply_updates(params, updates)
+        assert torch.isfinite(params["x"]).all()
+    stats = guard_stats(state)
+    assert stats["fallback_steps"] >= 3  # every faulty step fell back
+    assert int(state["learned"]["count"]) == 8  # the learned state advanced every step
+
+
+def test_nonfinite_fallback_and_learned_take_no_step():
+    loss, params, _, _ = quadratic(1)
+    guard = GuardRule(learned=FaultyRule(bad_steps=(0,)), fallback=FaultyRule(bad_steps=(0,)))
+    state = guard.init(params)
+    grads = torch.func.grad(loss)(params)
+    updates, state = guard.update(grads, state, params, step=0, loss_fn=loss)
+    assert torch.equal(updates["x"], torch.zeros_like(params["x"]))
+    assert guard_stats(state)["skipped_steps"] == 1
+
+
+def test_compare_every_reuses_the_last_winner_and_counts_comparisons():
+    loss, params, _, lipschitz = quadratic(2)
+    guard = GuardRule(
+        learned=ScaledSignRule(lr=0.3), fallback=get("sgd", lr=1 / lipschitz), compare_every=4
+    )
+    state = guard.init(params)
+    evaluations = 0
+
+    def counted(p):
+        nonlocal evaluations
+        evaluations += 1
+        return loss(p)
+
+    for step in range(12):
+        grads = torch.func.grad(loss)(params)
+        updates, state = guard.update(grads, state, params, step=step, loss_fn=counted)
+        params = apply_updates(params, updates)
+    assert guard_stats(state)["comparisons"] == 3
+    assert evaluations == 6  # two per comparison, none in between
+
+
+def test_guard_rule_requires_loss_fn():
+    loss, params, _, _ = quadratic(0)
+    guard = GuardRule(learned=ScaledSignRule(), fallback=get("sgd", lr=0.01))
+    with pytest.raises(ValueError, match="closure"):
+        guard.update(torch.func.grad(loss)(params), guard.init(params), params, step=0)
+
+
+def test_guard_rule_vmaps_over_a_population_like_a_loop():
+    tasks = [quadratic(s) for s in range(4)]
+    guard = GuardRule(learned=ScaledSignRule(lr=0.2), fallback=get("sgd", lr=0.05))
+    stacked_a = torch.stack([t[1]["x"] for t in tasks])
+
+    # Python loop
+    loop = []
+    for loss, params, _, _ in tasks:
+        state = guard.init(params)
+        for step in range(5):
+            grads = torch.func.grad(loss)(params)
+            updates, state = guard.update(grads, state, params, step=step, loss_fn=loss)
+            params = apply_updates(params, updates)
+        loop.append(params["x"])
+
+    # vmapped over a population of quadratics delivered as data
+    mats = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+        eig = torch.logspace(0, math.log10(20.0), 6, dtype=torch.float64)
+        mats.append((q @ torch.diag(eig) @ q.T, torch.randn(6, generator=g, dtype=torch.float64)))
+    a = torch.stack([m[0] for m in mats])
+    b = torch.stack([m[1] for m in mats])
+
+    def run(x, a, b):
+        def loss(p):
+            return 0.5 * p["x"] @ a @ p["x"] - b @ p["x"]
+
+        params = {"x": x}
+        state = guard.init(params)
+        for step in range(5):
+            grads = torch.func.grad(loss)(params)
+            updates, state = guard.update(grads, state, params, step=step, loss_fn=loss)
+            params = apply_updates(params, updates)
+        return params["x"]
+
+    vmapped = torch.func.vmap(run)(stacked_a, a, b)
+    torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-12, atol=1e-12)
+
+
+# --- drop-in classes ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    lopt = MLPLOpt(hidden_sizes=(8,))
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "lopt", lopt, meta)
+    return tmp_path / "lopt"
+
+
+@pytest.fixture
+def other_checkpoint(tmp_path):
+    lopt = MLPLOpt(hidden_sizes=(8,))
+    meta = lopt.init_meta(torch.Generator().manual_seed(1))
+    save_checkpoint(tmp_path / "other", lopt, meta)
+    return tmp_path / "other"
+
+
+def _model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(64, 5)
+    y = torch.randint(0, 3, (64,))
+    return model, x, y
+
+
+def _train(model, opt, x, y, steps, scheduler=None, closure_required=True):
+    losses = []
+    for _ in range(steps):
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        losses.append(float(loss.detach()))
+        if scheduler is not None:
+            scheduler.step()
+    return losses
+
+
+def _make(kind, model, checkpoint, **kw):
+    if kind == "learned":
+        return LearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=kw.get("lr", 30.0))
+    return GuardedLearnedOptimizer(
+        model.parameters(), checkpoint=checkpoint, fallback="adam", lr=kw.get("lr", 30.0)
+    )
+
+
+@pytest.mark.parametrize("kind", ["learned", "guarded"])
+def test_dropin_classes_train_an_ordinary_module_with_a_scheduler(kind, checkpoint):
+    model, x, y = _model_and_data()
+    opt = _make(kind, model, checkpoint)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    losses = _train(model, opt, x, y, 30, sched)
+    assert losses[-1] < losses[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(30.0 * 0.5**3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["learned", "guarded"])
+def test_dropin_state_dict_mid_run_continues_identically(kind, checkpoint, tmp_path):
+    model, x, y = _model_and_data()
+    opt = _make(kind, model, checkpoint)
+    _train(model, opt, x, y, 5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "s.pt")
+    reference = _train(model, opt, x, y, 5)
+
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    model2, _, _ = _model_and_data(seed=123)
+    model2.load_state_dict(saved["model"])
+    opt2 = _make(kind, model2, checkpoint)
+    opt2.load_state_dict(saved["opt"])
+    assert _train(model2, opt2, x, y, 5) == reference
+    if kind == "guarded":
+        assert opt2.guard_stats == opt.guard_stats
+
+
+@pytest.mark.parametrize("kind", ["learned", "guarded"])
+def test_dropin_state_from_another_checkpoint_is_refused(kind, checkpoint, other_checkpoint):
+    model, x, y = _model_and_data()
+    opt = _make(kind, model, checkpoint)
+    _train(model, opt, x, y, 2)
+    other = _make(kind, model, other_checkpoint)
+    with pytest.raises(ValueError, match="saved by"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_guarded_state_with_another_fallback_is_refused(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, fallback="adam")
+    _train(model, opt, x, y, 2)
+    other = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, fallback="sgd")
+    with pytest.raises(ValueError, match="saved by"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_guarded_step_without_closure_explains_the_fix(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint)
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+
+def test_learned_optimizer_steps_without_closure(checkpoint):
+    model, x, y = _model_and_data()
+    opt = LearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=30.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_guard_stats_count_both_sides_and_accept_rate(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=30.0)
+    assert opt.guard_stats["learned_steps"] == 0
+    _train(model, opt, x, y, 10)
+    stats = opt.guard_stats
+    assert stats["learned_steps"] + stats["fallback_steps"] == 10
+    assert stats["comparisons"] == 10
+    assert stats["accept_rate"] == pytest.approx(stats["learned_steps"] / 10)
+
+
+def test_guard_closure_compares_on_the_supplied_batch(checkpoint):
+    model, x, y = _model_and_data()
+    x_val, y_val = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=30.0)
+    calls = {"train": 0, "val": 0}
+
+    def closure():
+        calls["train"] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def guard_closure():
+        calls["val"] += 1
+        assert not torch.is_grad_enabled()
+        return nn.functional.cross_entropy(model(x_val), y_val)
+
+    for _ in range(3):
+        opt.step(closure, guard_closure=guard_closure)
+    assert calls == {"train": 3, "val": 6}
+
+
+def test_nan_learned_update_is_rejected_by_the_dropin_guard(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=1e38)
+    _train(model, opt, x, y, 3)  # learned steps overflow to inf: the guard must refuse them
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.guard_stats["fallback_steps"] == 3
+
+
+@pytest.mark.parametrize("make", ["learned", "guarded"])
+def test_dropin_rejects_corrupted_checkpoints_without_running_code(make, checkpoint, tmp_path):
+    model, _, _ = _model_and_data()
+    tensors = checkpoint.with_suffix(".safetensors")
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        _make(make, model, checkpoint)
+    with pytest.raises(CheckpointError, match="shipped"):
+        _make(make, model, "no_such_shipped_checkpoint")
+
+
+def test_top_level_exports():
+    assert l2o.LearnedOptimizer is LearnedOptimizer
+    assert l2o.GuardedLearnedOptimizer is GuardedLearnedOptimizer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_guarded_optimizer_on_cuda(checkpoint, dtype):
+    model, x, y = _model_and_data()
+    model = model.to("cuda", dtype)
+    x, y = x.to("cuda", dtype), y.to("cuda")
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=30.0)
+    losses = _train(model, opt, x, y, 10)
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == dtype and p.is_cuda for p in model.parameters())
