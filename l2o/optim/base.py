@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -36,9 +36,9 @@ from torch import Tensor
 Params = dict[str, Tensor]
 State = dict[str, Any]
 LossFn = Callable[[Params], Tensor]
-Step = Union[int, Tensor]
+Step = int | Tensor
 Schedule = Callable[[Step], float | Tensor]
-LearningRate = Union[float, Schedule]
+LearningRate = float | Schedule
 
 
 @dataclasses.dataclass(frozen=True)
