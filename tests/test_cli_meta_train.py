@@ -1,0 +1,181 @@
+"""``l2o-meta-train``: configs compose, bad configs fail before any work, runs resume exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+
+from l2o.cli.meta_train import CONFIG_DIR, ConfigError, run
+from l2o.learned.checkpoint import load_checkpoint
+from l2o.meta.trainer import ResumeError
+
+
+def _cfg(tmp_path, *overrides):
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        return compose(
+            "meta_train",
+            overrides=[
+                "experiment=smoke",
+                f"run_dir={tmp_path / 'run'}",
+                "wandb.mode=disabled",
+                *overrides,
+            ],
+        )
+
+
+@pytest.mark.parametrize("experiment", ["default", "smoke", "mlp_family"])
+@pytest.mark.parametrize("estimator", ["tbptt", "es", "pes"])
+def test_every_experiment_and_estimator_composes_and_validates(tmp_path, experiment, estimator):
+    from l2o.cli.meta_train import validate_config
+
+    cfg = _cfg(tmp_path, f"experiment={experiment}", f"estimator={estimator}")
+    validate_config(cfg)
+    assert cfg.estimator.name == estimator
+
+
+def test_smoke_run_writes_checkpoints_that_load(tmp_path):
+    result = run(_cfg(tmp_path))
+    assert len(result["history"]) == 3
+    lopt, meta_params, card = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
+    assert lopt.name == "mlp"
+    for k, v in result["meta_params"].items():
+        assert torch.equal(meta_params[k], v.cpu())
+    assert card["config"]["estimator"]["name"] == "tbptt"
+    assert card["provenance"]["outer_step"] == 3
+    assert result["eval_before"] is not None and result["eval_after"] is not None
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_cli_resume_continues_exactly(tmp_path, estimator):
+    common = (f"estimator={estimator}", "estimator.horizon_schedule=log_uniform", "eval.seeds=0")
+    full = run(_cfg(tmp_path / "a", *common, "outer_steps=4"))
+    run(_cfg(tmp_path / "b", *common, "outer_steps=2"))
+    resumed = run(_cfg(tmp_path / "b", *common, "outer_steps=4", "resume=true"))
+    for k, v in full["meta_params"].items():
+        assert torch.equal(resumed["meta_params"][k], v), k
+    assert len(resumed["history"]) == 4
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0"))
+    with pytest.raises(ResumeError, match="different seed"):
+        run(_cfg(tmp_path, "outer_steps=2", "resume=true", "seed=5"))
+
+
+def test_fresh_run_refuses_to_clobber_an_existing_run_unless_told(tmp_path):
+    run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0"))
+    with pytest.raises(ConfigError, match=r"already holds a run.*resume=true"):
+        run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0"))
+    result = run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0", "overwrite=true"))
+    assert len(result["history"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["estimator.truncation=50", "estimator.horizon=20"],
+            r"estimator\.truncation=50 > estimator\.horizon=20",
+        ),
+        (["estimator.name=sgd"], r"unknown estimator estimator\.name=sgd"),
+        (["estimator.population=0"], r"estimator\.population must be positive"),
+        (["estimator=pes", "estimator.population=3"], r"estimator\.population=3 must be even"),
+        (["outer_steps=0"], r"outer_steps must be positive"),
+        (["checkpoint_every=-1"], r"checkpoint_every must be >= 0"),
+        (["eval.seeds=-2"], r"eval\.seeds must be >= 0"),
+        (["estimator.meta_loss=mse"], r"unknown meta-loss estimator\.meta_loss=mse"),
+        (["meta_grad_clip=-1"], r"meta_grad_clip must be a number >= 0"),
+        (["device=tpu"], r"device must be auto, cpu or cuda"),
+        (["lopt._target_=l2o.learned.NoSuchLOpt"], r"unknown lopt: lopt\._target_="),
+        (["task._target_=l2o.optim.rules.Adam"], r"task\._target_=l2o\.optim\.rules\.Adam is not"),
+        (["outer_optim.name=adamm"], r"unknown outer optimizer outer_optim\.name=adamm"),
+        (["lopt.hidden_sizes=[0]"], r"lopt: hidden_sizes must be positive"),
+        (["task.dim=[0,4]"], r"task: "),
+    ],
+)
+def test_bad_config_fails_before_any_work_naming_the_key(tmp_path, overrides, message):
+    cfg = _cfg(tmp_path, *overrides)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_group_choice_names_the_group(tmp_path):
+    with pytest.raises(MissingConfigException, match="lopt/adam"):
+        _cfg(tmp_path, "lopt=adam")
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    script = "from l2o.cli.meta_train import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_console_script_runs_the_smoke_experiment(tmp_path):
+    proc = _cli("experiment=smoke", f"run_dir={tmp_path / 'run'}", "progress=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out meta-loss" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "last.json").is_file()
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+def test_console_script_reports_a_bad_key_and_exits_2(tmp_path):
+    proc = _cli(
+        "experiment=smoke",
+        f"run_dir={tmp_path / 'run'}",
+        "estimator.truncation=9",
+        "estimator.horizon=4",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "estimator.truncation=9 > estimator.horizon=4" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_offline_wandb_run_holds_the_trainers_metrics(tmp_path):
+    from l2o.tracking import read_offline_run
+
+    result = run(_cfg(tmp_path, "wandb.mode=offline", "eval.seeds=1"))
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run_dir)
+    rows = [r for r in logged["history"] if "meta_loss" in r]
+    assert [r["meta_loss"] for r in rows] == pytest.approx(
+        [h["meta_loss"] for h in result["history"]]
+    )
+    for key in (
+        "meta_grad_norm",
+        "inner_loss",
+        "outer_step_time",
+        "task_steps_per_sec",
+        "outer_lr",
+    ):
+        assert all(key in r for r in rows), key
+    assert logged["summary"]["eval_meta_loss_final"] == pytest.approx(result["eval_after"])
+    assert logged["config"]["estimator"]["name"] == "tbptt"
+
+
+def test_missing_config_directory_is_reported(tmp_path, monkeypatch):
+    from l2o.cli import meta_train
+
+    monkeypatch.setattr(meta_train, "CONFIG_DIR", tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match=r"config directory .*nowhere.* not found"):
+        meta_train.main()
+
+
+def test_resuming_a_finished_run_asks_for_more_outer_steps(tmp_path):
+    run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0"))
+    with pytest.raises(ResumeError, match="already finished 1 outer steps; raise outer_steps"):
+        run(_cfg(tmp_path, "outer_steps=1", "resume=true"))
