@@ -292,3 +292,23 @@ def test_field_names_are_torch_optim_hyperparameter_names():
         torch_defaults = twin_cls([torch.zeros(1, requires_grad=True)]).defaults
         fields = {f.name for f in dataclasses.fields(rule)} - {"eps_root"}
         assert fields <= set(torch_defaults), name
+
+
+def test_rules_built_inside_vmap_over_a_population_of_learning_rates():
+    """A learning-rate sweep as one vmapped population (tensor hyper-parameters are not
+    range-checked, so rules can be built inside the transform)."""
+    from l2o.optim import get
+
+    lrs = torch.tensor([1e-3, 1e-2, 1e-1], dtype=torch.float64)
+    params = {"w": torch.ones(4, dtype=torch.float64)}
+    grads = {"w": torch.arange(4, dtype=torch.float64)}
+
+    def one(lr):
+        rule = get("adam", lr=lr)
+        updates, _ = rule.update(grads, rule.init(params), params, step=0)
+        return updates["w"]
+
+    swept = torch.func.vmap(one)(lrs)
+    for i, lr in enumerate(lrs.tolist()):
+        torch.testing.assert_close(swept[i], one(torch.tensor(lr, dtype=torch.float64)))
+    torch.testing.assert_close(swept[2], -0.1 * torch.sign(grads["w"]), atol=1e-6, rtol=1e-6)

@@ -91,3 +91,50 @@ def tune_lr(
         curves[float(lr)] = curve
     best = min(results, key=results.get)
     return TunedBaseline(name, best, results[best], results, curves[best])
+
+
+#: Half-decade learning-rate grid used to tune baselines.
+DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+
+@dataclass
+class Comparison:
+    """A rule against a tuned baseline on one task (see the module docstring for definitions)."""
+
+    baseline: TunedBaseline
+    final_loss: float
+    #: steps the rule needs to reach the baseline's final training loss (None: never)
+    steps_to_baseline_final: int | None
+    steps: int
+    curve: Tensor
+
+    @property
+    def step_ratio(self) -> float:
+        """``steps_to_baseline_final / steps`` (inf when never reached)."""
+        if self.steps_to_baseline_final is None:
+            return math.inf
+        return self.steps_to_baseline_final / self.steps
+
+
+def compare_with_tuned(
+    rule: UpdateRule,
+    task: Task,
+    seeds: Sequence[int],
+    steps: int,
+    *,
+    baseline: str = "adam",
+    grid: Sequence[float] = DEFAULT_LR_GRID,
+    window: int = 10,
+) -> Comparison:
+    """Train with ``rule`` and with ``baseline`` at its best grid learning rate (tuned on the
+    same seeds, which favours the baseline); report how many steps ``rule`` needs to reach the
+    baseline's final training loss."""
+    tuned = tune_lr(baseline, task, seeds, steps, grid, window=window)
+    curve = windowed_mean(training_curves(rule, task, seeds, steps), window)
+    return Comparison(
+        baseline=tuned,
+        final_loss=float(curve[-1]),
+        steps_to_baseline_final=steps_to_reach(curve, tuned.final_loss),
+        steps=steps,
+        curve=curve,
+    )

@@ -98,14 +98,12 @@ def check_hyperparameter(
 ) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in range.
 
-    Schedules (callables) pass: they are checked where they are built.
+    Schedules (callables) pass: they are checked where they are built. So do tensors.
     """
-    if callable(value):
+    if callable(value) or isinstance(value, Tensor):
+        # Tensor hyper-parameters (meta-learned, or batched under vmap over a population) cannot
+        # be read without a device sync or at all inside a transform; they are not range-checked.
         return
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            return
-        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
