@@ -28,7 +28,7 @@ def test_training_curves_match_a_torch_optim_loop():
             loss = task.loss(params, task.batch(seed, step))
             loss.backward()
             opt.step()
-            assert float(curves[step, j]) == pytest.approx(float(loss), rel=1e-5, abs=1e-7)
+            assert float(curves[step, j]) == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-7)
 
 
 def test_windowed_mean_is_a_trailing_average_over_seeds():

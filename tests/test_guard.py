@@ -388,3 +388,12 @@ def test_guard_keeps_the_shipped_optimizer_convergent_far_beyond_its_meta_traini
     assert float(alone[-1]) > 10 * float(alone.min())  # unguarded: not converging, climbing
     assert float(alone[-1]) > 1e-2
     assert float(guarded[-1]) < 1e-10  # guarded: converges to the minimum (loss 0)
+
+
+@pytest.mark.parametrize("cls", [LearnedOptimizer, GuardedLearnedOptimizer])
+def test_shipped_default_checkpoint_trains_an_ordinary_module(cls):
+    model, x, y = _model_and_data()
+    opt = cls(model.parameters())  # checkpoint="default"
+    losses = _train(model, opt, x, y, 20)
+    assert losses[-1] < 0.9 * losses[0]
+    assert opt.state_dict()["l2o"]["checkpoint"].startswith("mlp-")
