@@ -7,8 +7,8 @@ import torch
 from _meta_fixtures import MomentumLOpt, MomentumRule, Quadratic
 
 from l2o.meta.losses import META_LOSSES, MetaLossTerms, get_meta_loss
-from l2o.meta.unroll import count_nonfinite, init_carry, map_tree, unroll
-from l2o.optim.base import apply_updates
+from l2o.meta.unroll import count_nonfinite, init_carry, unroll
+from l2o.optim.base import apply_updates, map_tensors
 
 
 def _rule(lr=0.1, beta=0.6, decay=0.5):
@@ -20,7 +20,7 @@ def _rule(lr=0.1, beta=0.6, decay=0.5):
 
 
 def _member(tree, i):
-    return map_tree(lambda t: t[i], tree)
+    return map_tensors(lambda t: t[i], tree)
 
 
 def _loop_reference(rule, task, carry, num_steps):

@@ -42,8 +42,16 @@ from l2o.learned.checkpoint import CheckpointError, default_provenance, save_che
 from l2o.meta.base import EstimatorState, GradientEstimator
 from l2o.meta.distributed import World, all_reduce_mean, barrier, broadcast, mean_metrics
 from l2o.meta.losses import get_meta_loss
-from l2o.meta.unroll import init_carry, map_tree, unroll
-from l2o.optim.base import Params, State, UpdateRule, apply_updates, global_norm, lr_at
+from l2o.meta.unroll import init_carry, unroll
+from l2o.optim.base import (
+    Params,
+    State,
+    UpdateRule,
+    apply_updates,
+    global_norm,
+    lr_at,
+    map_tensors,
+)
 from l2o.tasks.base import Task, TaskFamily
 
 RESUME_FILE = "resume.pt"
@@ -301,7 +309,7 @@ class MetaTrainer:
                 f"same number (this run has {self.world.size})"
             )
         self.meta_params = {k: v.to(self.device) for k, v in state["meta_params"].items()}
-        self.outer_state = map_tree(lambda t: t.to(self.device), state["outer_state"])
+        self.outer_state = map_tensors(lambda t: t.to(self.device), state["outer_state"])
         self.estimator_state = state["estimator_state"]
         self.generator.set_state(state["generator_state"])
         self.step = int(state["step"])

@@ -38,7 +38,7 @@ from torch.func import grad_and_value, vmap
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from l2o.meta.losses import EVAL_MODES, MetaLossTerms
-from l2o.optim.base import Params, UpdateRule, apply_updates
+from l2o.optim.base import Params, UpdateRule, apply_updates, map_tensors
 from l2o.tasks.base import Batch, Task
 
 Carry = dict[str, Any]
@@ -54,16 +54,9 @@ class Unroll(NamedTuple):
     terms: MetaLossTerms
 
 
-def map_tree(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
-    """Apply ``fn`` to every tensor of a (nested) dict of tensors; other leaves pass through."""
-    if isinstance(tree, dict):
-        return {k: map_tree(fn, v) for k, v in tree.items()}
-    return fn(tree) if isinstance(tree, Tensor) else tree
-
-
 def detach_carry(carry: Carry) -> Carry:
     """The carry cut from the autograd graph (between truncations)."""
-    return map_tree(Tensor.detach, carry)
+    return map_tensors(Tensor.detach, carry)
 
 
 def count_nonfinite(result: Unroll) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2o.optim.base import Params, State, UpdateRule
+from l2o.optim.base import Params, State, UpdateRule, map_tensors
 
 STEP = "step"
 GROUP_PREFIX = "group:"
@@ -127,7 +127,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         # The rule may hand back a gradient or parameter tensor as a state slot (SGD's first
         # momentum buffer is the gradient); own a copy before p.add_ or zero_grad touch it.
         borrowed = {_storage(t) for t in (*params.values(), *grads.values())}
-        new_state = _map_tensors(lambda t: t.clone() if _storage(t) in borrowed else t, new_state)
+        new_state = map_tensors(lambda t: t.clone() if _storage(t) in borrowed else t, new_state)
         for k, p in live.items():
             p.add_(updates[k])
         _store_state(new_state, {k: self.state[p] for k, p in live.items()}, anchor)
@@ -251,12 +251,6 @@ def _nested_set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
     tree[path[-1]] = value
-
-
-def _map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _map_tensors(fn, v) for k, v in tree.items()}
-    return fn(tree) if isinstance(tree, Tensor) else tree
 
 
 def _detached(loss: Any) -> Tensor:
