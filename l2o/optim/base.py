@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -42,7 +43,7 @@ LearningRate = float | Schedule
 
 
 @dataclasses.dataclass(frozen=True)
-class UpdateRule:
+class UpdateRule(ABC):
     """Base class of every update rule (hand-designed, learned, guarded).
 
     Subclasses are frozen dataclasses whose fields are the hyper-parameters; they implement
@@ -52,10 +53,11 @@ class UpdateRule:
     #: Rules that need ``loss_fn`` (line searches, Hessian-vector products, the guard) set this.
     needs_loss_fn: ClassVar[bool] = False
 
+    @abstractmethod
     def init(self, params: Params) -> State:
         """Return the initial state for ``params`` (a dict of tensors)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement init()")
 
+    @abstractmethod
     def update(
         self,
         grads: Params,
@@ -66,7 +68,6 @@ class UpdateRule:
         loss_fn: LossFn | None = None,
     ) -> tuple[Params, State]:
         """Return ``(updates, new_state)``; the new parameters are ``params + updates``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement update()")
 
     def replace(self, **changes: Any) -> UpdateRule:
         """A copy with some hyper-parameters changed (validated again)."""

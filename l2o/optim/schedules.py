@@ -44,6 +44,7 @@ import dataclasses
 import itertools
 import math
 import operator
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -88,7 +89,7 @@ def _float_dtype_for(step: Tensor) -> torch.dtype:
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
+class Schedule(ABC):
     """Base class: ``__call__(step)`` validates and converts the step, ``_lr(t)`` is the math.
 
     Subclasses implement ``_lr(t)`` for a floating-point tensor ``t`` of steps (any shape) with
@@ -103,8 +104,9 @@ class Schedule:
         step = _check_int("step", step, low=0)
         return self._lr(torch.tensor(float(step), dtype=torch.float64)).item()
 
+    @abstractmethod
     def _lr(self, t: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _lr()")
+        """The learning rate at float step(s) ``t``."""
 
 
 def _as_schedule(name: str, value: Any) -> Schedule:

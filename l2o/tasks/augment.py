@@ -24,6 +24,7 @@ element of the batch, so one ``vmap`` runs a population whose members have diffe
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -85,8 +86,9 @@ class TaskWrapper(Task):
     def dtype(self, value: torch.dtype) -> None:
         self.base.dtype = value
 
+    @abstractmethod
     def scales(self, seed: int) -> Tensor:
-        raise NotImplementedError
+        """The instance's augmentation scales (the last element of its batches)."""
 
     def batch(self, seed: int, step: int, split: str = "train") -> Batch:
         return (*self.base.batch(seed, step, split), self.scales(seed))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -156,11 +157,13 @@ class SampledFamily(TaskFamily):
     def _set(self, field: str, value: Any) -> None:
         object.__setattr__(self, field, value)
 
+    @abstractmethod
     def _validate(self, family: str) -> None:
-        raise NotImplementedError
+        """Check the family-specific fields (``family`` names it in errors)."""
 
+    @abstractmethod
     def _build(self, g: torch.Generator) -> Task:
-        raise NotImplementedError
+        """The task whose structure is drawn from ``g``."""
 
     def sample(self, seed: int) -> Task:
         """The task drawn by ``seed``: base structure, then augmentations, then horizon."""

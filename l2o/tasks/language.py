@@ -15,6 +15,7 @@ out with matmuls, a causal mask and softmax).
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +125,9 @@ class CharLMTask(Task):
         self.corpus = CharCorpus(modules)
         self.vocab_size = VOCAB_SIZE
 
+    @abstractmethod
     def _init_tensor(self, name: str, shape: torch.Size, generator: torch.Generator) -> Tensor:
-        raise NotImplementedError
+        """Initial value of parameter ``name``."""
 
     def init(self, generator: torch.Generator) -> Params:
         params = {
