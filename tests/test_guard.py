@@ -397,3 +397,23 @@ def test_shipped_default_checkpoint_trains_an_ordinary_module(cls):
     losses = _train(model, opt, x, y, 20)
     assert losses[-1] < 0.9 * losses[0]
     assert opt.state_dict()["l2o"]["checkpoint"].startswith("mlp-")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_guarded_optimizer_keeps_the_parameter_dtype(checkpoint, dtype):
+    model, x, y = _model_and_data()
+    model = model.to(dtype)
+    x = x.to(dtype)
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=30.0)
+    losses = []
+    for _ in range(10):
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure).detach()))
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
