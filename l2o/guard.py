@@ -265,11 +265,8 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
     @property
     def guard_stats(self) -> dict[str, Any]:
         """Steps taken by each side, comparisons, recent acceptance rate, summed over groups."""
-        per_group = [
-            guard_stats(self._guard_state(group))
-            for group in self.param_groups
-            if self._guard_state(group) is not None
-        ]
+        states = (self._guard_state(group) for group in self.param_groups)
+        per_group = [guard_stats(state) for state in states if state is not None]
         if not per_group:
             return {
                 "learned_steps": 0,

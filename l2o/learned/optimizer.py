@@ -57,10 +57,8 @@ class CheckpointedOptimizer(RuleOptimizer):
         self.identity = identity
         super().__init__(params, rule_for_device(torch.device("cpu")), **overrides)
 
-    def _group_rule(self, group: Mapping[str, Any]) -> UpdateRule:
-        base = self._rule_for_device(group["params"][0].device)
-        names = base.hyperparameter_names()
-        return base.replace(**{k: group[k] for k in names if k in group})
+    def _base_rule(self, group: Mapping[str, Any]) -> UpdateRule:
+        return self._rule_for_device(group["params"][0].device)
 
     def state_dict(self) -> dict[str, Any]:
         saved = super().state_dict()

@@ -58,8 +58,14 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._group_rule(self.param_groups[-1])  # a bad hyper-parameter fails here, not mid-run
 
     def _group_rule(self, group: Mapping[str, Any]) -> UpdateRule:
-        names = self.rule.hyperparameter_names()
-        return self.rule.replace(**{k: group[k] for k in names if k in group})
+        base = self._base_rule(group)
+        names = base.hyperparameter_names()
+        return base.replace(**{k: group[k] for k in names if k in group})
+
+    def _base_rule(self, group: Mapping[str, Any]) -> UpdateRule:
+        """The rule whose hyper-parameters ``group`` overrides (subclasses may pick it per
+        group, e.g. by device)."""
+        return self.rule
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
