@@ -179,3 +179,32 @@ def test_resuming_a_finished_run_asks_for_more_outer_steps(tmp_path):
     run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0"))
     with pytest.raises(ResumeError, match="already finished 1 outer steps; raise outer_steps"):
         run(_cfg(tmp_path, "outer_steps=1", "resume=true"))
+
+
+def test_warm_start_begins_from_the_checkpoint_and_records_it(tmp_path):
+    from l2o.learned.checkpoint import checkpoint_id
+
+    first = run(_cfg(tmp_path / "a", "outer_steps=2"))
+    source = tmp_path / "a" / "run" / "checkpoints" / "last"
+    _, source_params, source_card = load_checkpoint(source)
+    warm = run(_cfg(tmp_path / "b", "outer_steps=1", f"init_from={source}"))
+    # Same held-out seeds: the warm run's "before" is the first run's "after".
+    assert warm["eval_before"] == pytest.approx(first["eval_after"], rel=1e-6)
+    _, params, card = load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last")
+    assert card["provenance"]["init_from"] == checkpoint_id(source_card)
+    assert any(not torch.equal(params[k], source_params[k]) for k in params)  # it trained on
+    with pytest.raises(ResumeError, match="different init_from"):
+        run(_cfg(tmp_path / "b", "outer_steps=2", "resume=true"))
+
+
+def test_warm_start_from_another_lopt_or_a_bad_file_is_refused_before_any_work(tmp_path):
+    run(_cfg(tmp_path / "a", "outer_steps=1", "eval.seeds=0"))
+    source = tmp_path / "a" / "run" / "checkpoints" / "last"
+    with pytest.raises(ConfigError, match=r"init_from=.*holds MLPLOpt.*set lopt"):
+        run(_cfg(tmp_path / "b", f"init_from={source}", "lopt.hidden_sizes=[8]"))
+    (tmp_path / "junk.json").write_text("not json")
+    with pytest.raises(ConfigError, match=r"init_from=.*junk"):
+        run(_cfg(tmp_path / "b", f"init_from={tmp_path / 'junk'}"))
+    with pytest.raises(ConfigError, match="init_from=no_such_shipped_name"):
+        run(_cfg(tmp_path / "b", "init_from=no_such_shipped_name"))
+    assert not (tmp_path / "b" / "run").exists()

@@ -24,7 +24,7 @@ CONFIG_NAME = "meta_train"
 
 #: Config keys a resumed run must share with the run it continues (anything else, such as
 #: ``outer_steps``, ``checkpoint_every`` or ``wandb``, may change).
-RESUME_KEYS = ("seed", "lopt", "task", "estimator", "outer_optim", "meta_grad_clip")
+RESUME_KEYS = ("seed", "lopt", "task", "estimator", "outer_optim", "meta_grad_clip", "init_from")
 
 
 class ConfigError(ValueError):
@@ -97,6 +97,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"wandb.mode must be one of {MODES}, got wandb.mode={mode}")
     if not isinstance(_get(cfg, "resume"), (bool, str)):
         raise ConfigError("resume must be true, false or the path of a run dir / resume file")
+    init_from = OmegaConf.select(cfg, "init_from", default=None)
+    if init_from is not None and not isinstance(init_from, str):
+        raise ConfigError(f"init_from must be a checkpoint name or path, got {init_from!r}")
 
     _target(cfg, "lopt", (LOpt,))
     _target(cfg, "task", (Task, TaskFamily))
@@ -192,6 +195,31 @@ def build(cfg: DictConfig, device, world=None) -> dict[str, Any]:
 # --- the run ----------------------------------------------------------------------------------
 
 
+def _warm_start(cfg: DictConfig, lopt) -> tuple[dict | None, str | None]:
+    """Meta-parameters and id of the ``init_from`` checkpoint, whose learned optimizer must be
+    the one this run trains (same architecture and config); ``(None, None)`` without one."""
+    from l2o.learned.checkpoint import (
+        CheckpointError,
+        checkpoint_id,
+        load_checkpoint,
+        resolve_checkpoint,
+    )
+
+    source = OmegaConf.select(cfg, "init_from", default=None)
+    if source is None:
+        return None, None
+    try:
+        loaded, meta_params, card = load_checkpoint(resolve_checkpoint(source))
+    except CheckpointError as err:
+        raise ConfigError(f"init_from={source}: {err}") from err
+    if type(loaded) is not type(lopt) or loaded.config() != lopt.config():
+        raise ConfigError(
+            f"init_from={source} holds {loaded!r}, but this run trains {lopt!r}; set lopt to "
+            "the checkpoint's (see its .json card) to warm-start from it"
+        )
+    return meta_params, checkpoint_id(card)
+
+
 def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     from l2o.meta.trainer import CHECKPOINT_DIR, RESUME_FILE
 
@@ -248,6 +276,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     world = init_from_env(device)
     device = local_device(device, world)
     parts = build(cfg, device, world)
+    initial_meta_params, init_from = _warm_start(cfg, parts["lopt"])
     run_dir = Path(cfg.run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
 
@@ -289,6 +318,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             device=device,
             progress=bool(cfg.progress),
             world=world,
+            initial_meta_params=initial_meta_params,
+            init_from=init_from,
         )
         initial = dict(trainer.meta_params)
         if resume is not False:

@@ -129,6 +129,9 @@ class MetaTrainer:
         device: where meta-parameters live (``auto``/``cpu``/``cuda``).
         progress: show a progress bar (rank 0).
         world: this process's place in a ``torch.distributed`` group (default: single process).
+        initial_meta_params: start from these meta-parameters (a warm start, e.g. a checkpoint's)
+            instead of ``lopt.init_meta``; they must have its names and shapes.
+        init_from: where ``initial_meta_params`` came from (a checkpoint id), for the cards.
     """
 
     def __init__(
@@ -147,6 +150,8 @@ class MetaTrainer:
         device: str | torch.device = "cpu",
         progress: bool = False,
         world: World | None = None,
+        initial_meta_params: Params | None = None,
+        init_from: str | None = None,
     ) -> None:
         if outer_steps < 0:
             raise ValueError(f"outer_steps must be >= 0, got {outer_steps}")
@@ -167,10 +172,15 @@ class MetaTrainer:
         self.device = resolve_device(device)
         self.progress = progress
         self.world = world or World()
+        self.init_from = init_from
 
         # One generator for everything random, so that its state alone makes resume exact.
         self.generator = torch.Generator().manual_seed(self.seed)
+        # Drawn even for a warm start, so that the generator (tasks, perturbations) is the same.
         meta_params = lopt.init_meta(self.generator)
+        if initial_meta_params is not None:
+            _check_same_structure(meta_params, initial_meta_params, "initial_meta_params")
+            meta_params = initial_meta_params
         self.meta_params = {k: v.detach().to(self.device) for k, v in meta_params.items()}
         broadcast(self.meta_params, self.world)  # identical already; cheap insurance
         if self.world.rank > 0:  # other tasks and perturbations than rank 0's, from here on
@@ -361,7 +371,8 @@ class MetaTrainer:
                 "skipped_nonfinite": self.skipped_nonfinite,
                 "wall_time_s": round(self.wall_time, 3),
                 "seed": self.seed,
-            },
+            }
+            | ({"init_from": self.init_from} if self.init_from else {}),
         }
         if self.history:
             card["final_metrics"] = dict(self.history[-1])
