@@ -208,3 +208,19 @@ def test_warm_start_from_another_lopt_or_a_bad_file_is_refused_before_any_work(t
     with pytest.raises(ConfigError, match="init_from=no_such_shipped_name"):
         run(_cfg(tmp_path / "b", "init_from=no_such_shipped_name"))
     assert not (tmp_path / "b" / "run").exists()
+
+
+def test_shipped_default_checkpoint_was_trained_by_the_experiment_config_that_claims_it():
+    """configs/experiment/mnist1d_mlp.yaml must stay the recipe of checkpoints/default."""
+    from omegaconf import OmegaConf
+
+    from l2o.cli.meta_train import RESUME_KEYS
+    from l2o.learned.checkpoint import resolve_checkpoint
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("meta_train", overrides=["experiment=mnist1d_mlp"])
+    recipe = OmegaConf.to_container(cfg, resolve=True)
+    _, _, card = load_checkpoint(resolve_checkpoint("default"))
+    for key in (*RESUME_KEYS, "outer_steps"):
+        assert card["config"].get(key) == recipe.get(key), key
+    assert card["provenance"]["outer_step"] == recipe["outer_steps"]

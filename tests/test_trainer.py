@@ -436,3 +436,29 @@ def test_population_must_split_evenly_over_ranks():
         shard_size(6, World(rank=0, size=4))
     grads = {"a": torch.ones(2)}
     assert all_reduce_mean(grads, World()) is grads  # one process: nothing to average
+
+
+def test_git_commit_is_asked_once_and_marks_uncommitted_changes(monkeypatch):
+    import subprocess
+
+    from l2o.meta import trainer
+
+    answers = {"rev-parse": "abc123\n", "status": " M l2o/guard.py\n"}
+    calls = []
+
+    def fake_run(args, **kwargs):
+        calls.append(args[1])
+        return subprocess.CompletedProcess(args, 0, stdout=answers[args[1]], stderr="")
+
+    monkeypatch.setattr(trainer.subprocess, "run", fake_run)
+    trainer._git_commit.cache_clear()
+    try:
+        assert trainer._git_commit() == "abc123-dirty"
+        answers["rev-parse"] = "def456\n"  # a commit made while the run goes on
+        assert trainer._git_commit() == "abc123-dirty"
+        assert calls == ["rev-parse", "status"]
+        trainer._git_commit.cache_clear()
+        answers["status"] = ""
+        assert trainer._git_commit() == "def456"
+    finally:
+        trainer._git_commit.cache_clear()

@@ -25,6 +25,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -173,6 +174,7 @@ class MetaTrainer:
         self.progress = progress
         self.world = world or World()
         self.init_from = init_from
+        _git_commit()  # the code version is the one at the start of the run
 
         # One generator for everything random, so that its state alone makes resume exact.
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -484,20 +486,29 @@ def provenance(device: torch.device) -> dict[str, Any]:
     return out
 
 
+@functools.cache
 def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
+    """HEAD of the checkout l2o runs from (``"<sha>-dirty"`` with uncommitted changes to tracked
+    files), cached: asked once per process, so a commit made while a long run goes on is not
+    mistaken for the code that run is executing."""
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(
+                ["git", *args],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
         return None
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None
+    return commit + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else commit
 
 
 def _cpu_name() -> str:
