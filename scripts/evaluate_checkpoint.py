@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from l2o.cli.meta_train import CONFIG_DIR, build
+from l2o.cli.meta_train import build, compose_config
 from l2o.eval.curves import compare_with_tuned, training_curves, windowed_mean
 from l2o.guard import GuardRule
 from l2o.learned.checkpoint import checkpoint_id, load_checkpoint, resolve_checkpoint
@@ -42,9 +41,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("meta_train", overrides=[f"experiment={args.experiment}"])
-    family = build(cfg, torch.device("cpu"))["task"]
+    family = build(compose_config(f"experiment={args.experiment}"), torch.device("cpu"))["task"]
     lopt, meta_params, card = load_checkpoint(resolve_checkpoint(args.checkpoint))
     learned = lopt.rule(meta_params)
 

@@ -8,25 +8,17 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from l2o.cli.meta_train import CONFIG_DIR, ConfigError, run
+from l2o.cli.meta_train import ConfigError, compose_config, run
 from l2o.learned.checkpoint import load_checkpoint
 from l2o.meta.trainer import ResumeError
 
 
 def _cfg(tmp_path, *overrides):
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        return compose(
-            "meta_train",
-            overrides=[
-                "experiment=smoke",
-                f"run_dir={tmp_path / 'run'}",
-                "wandb.mode=disabled",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        "experiment=smoke", f"run_dir={tmp_path / 'run'}", "wandb.mode=disabled", *overrides
+    )
 
 
 @pytest.mark.parametrize("experiment", ["default", "smoke", "mlp_family"])
@@ -217,9 +209,7 @@ def test_shipped_default_checkpoint_was_trained_by_the_experiment_config_that_cl
     from l2o.cli.meta_train import RESUME_KEYS
     from l2o.learned.checkpoint import resolve_checkpoint
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("meta_train", overrides=["experiment=mnist1d_mlp"])
-    recipe = OmegaConf.to_container(cfg, resolve=True)
+    recipe = OmegaConf.to_container(compose_config("experiment=mnist1d_mlp"), resolve=True)
     _, _, card = load_checkpoint(resolve_checkpoint("default"))
     for key in (*RESUME_KEYS, "outer_steps"):
         assert card["config"].get(key) == recipe.get(key), key

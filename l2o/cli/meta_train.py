@@ -31,6 +31,15 @@ class ConfigError(ValueError):
     """A meta-training config that cannot work; the message names the key to fix."""
 
 
+def compose_config(*overrides: str) -> DictConfig:
+    """The ``l2o-meta-train`` config with Hydra ``overrides``, composed outside a Hydra run
+    (scripts, tests): ``compose_config("experiment=mnist1d_mlp")``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        return compose(CONFIG_NAME, overrides=list(overrides))
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
