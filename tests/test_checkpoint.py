@@ -41,6 +41,26 @@ def saved(tmp_path):
     return base, lopt, meta
 
 
+def forge(base: Path, tensors: dict, spec: dict) -> None:
+    """A self-consistent pair written by a hostile or buggy tool that controls both files:
+    the tensors file's metadata and the card agree with each other and with the bytes."""
+    digest = ckpt.tensors_digest(tensors)
+    metadata = {
+        "format": "l2o-lopt",
+        "format_version": "2",
+        "lopt": json.dumps(spec),
+        "tensors_sha256": digest,
+    }
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    Path(f"{base}.safetensors").write_bytes(data)
+    card = card_of(base)
+    card.update(lopt=spec, tensors_sha256=digest, sha256=hashlib.sha256(data).hexdigest())
+    card["tensors"] = {
+        k: {"shape": list(v.shape), "dtype": "float32"} for k, v in sorted(tensors.items())
+    }
+    write_card(base, card)
+
+
 def card_of(base: Path) -> dict:
     return json.loads(Path(f"{base}.json").read_text())
 
@@ -82,11 +102,16 @@ def test_card_records_identity_and_provenance(saved):
 def test_checkpoint_id_names_the_lopt_and_its_tensors(saved, tmp_path):
     base, lopt, meta = saved
     card = load_checkpoint(base)[2]
-    assert checkpoint_id(card) == f"mlp-{card['sha256'][:12]}"
-    save_checkpoint(tmp_path / "same", lopt, meta)
+    assert checkpoint_id(card) == card["id"] == card_of(base)["id"]
+    assert card["id"].startswith("mlp-") and len(card["id"]) == len("mlp-") + 12
+    save_checkpoint(tmp_path / "same", lopt, meta, extra_card={"provenance": {"step": 99}})
     assert checkpoint_id(load_checkpoint(tmp_path / "same")[2]) == checkpoint_id(card)
     save_checkpoint(tmp_path / "other", lopt, trained(lopt, seed=5))
     assert checkpoint_id(load_checkpoint(tmp_path / "other")[2]) != checkpoint_id(card)
+    # The same tensors under another behaviour-defining config are another optimizer.
+    config = {**lopt.config(), "step_mult": 0.5}
+    save_checkpoint(tmp_path / "scaled", MLPLOpt(**config), meta)
+    assert checkpoint_id(load_checkpoint(tmp_path / "scaled")[2]) != checkpoint_id(card)
     with pytest.raises(CheckpointError):
         checkpoint_id({"format": "something"})
 
@@ -149,7 +174,7 @@ def test_truncated_tensors_file_is_rejected(saved):
     base, _, _ = saved
     path = Path(f"{base}.safetensors")
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated, corrupted or was replaced"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_checkpoint(base)
 
 
@@ -168,6 +193,10 @@ def test_flipped_bytes_are_rejected(saved):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(base)
+    # Without the card, the digest stored in the tensors file itself catches the flip.
+    os.remove(f"{base}.json")
+    with pytest.warns(ckpt.StaleCardWarning), pytest.raises(CheckpointError, match="flipped"):
         load_checkpoint(base)
 
 
@@ -253,10 +282,9 @@ def test_newer_format_version_asks_for_an_upgrade(saved):
 
 
 def test_mismatched_shapes_are_rejected(saved):
-    base, _, _ = saved
-    card = card_of(base)
-    card["lopt"]["config"]["hidden_sizes"] = [16, 8]  # the tensors were saved for [8, 8]
-    write_card(base, card)
+    base, lopt, meta = saved
+    spec = {"name": "mlp", "config": {**lopt.config(), "hidden_sizes": [16, 8]}}
+    forge(base, meta, spec)  # the tensors were saved for [8, 8]
     with pytest.raises(
         CheckpointError, match=r"'b0' has shape \[8\] but 'mlp' with this config expects \[16\]"
     ):
@@ -266,32 +294,62 @@ def test_mismatched_shapes_are_rejected(saved):
 def test_tensors_from_another_lopt_with_a_forged_hash_are_rejected(saved, tmp_path):
     base, _, _ = saved
     other = LSTMLOpt(hidden_size=4)
-    save_checkpoint(tmp_path / "lstm", other, trained(other))
-    foreign = Path(f"{tmp_path / 'lstm'}.safetensors").read_bytes()
-    Path(f"{base}.safetensors").write_bytes(foreign)
-    card = card_of(base)
-    card["sha256"] = hashlib.sha256(foreign).hexdigest()
-    write_card(base, card)
+    forge(base, trained(other), {"name": "mlp", "config": MLPLOpt(hidden_sizes=[8, 8]).config()})
     with pytest.raises(CheckpointError, match="missing tensors"):
         load_checkpoint(base)
 
 
-def test_unknown_lopt_and_hostile_config_never_import_anything(saved, tmp_path):
+def test_a_card_edited_after_saving_is_refused(saved):
     base, _, _ = saved
-    marker = tmp_path / "pwned"
     card = card_of(base)
-    card["lopt"] = {"name": "os.system", "config": {}}
+    card["lopt"]["config"]["step_mult"] = 0.5  # the behaviour, not the tensors
     write_card(base, card)
+    with pytest.raises(CheckpointError, match=r"edited.*step_mult: card 0.5, stored 0.001"):
+        load_checkpoint(base)
+
+
+def test_a_stale_card_from_an_interrupted_save_falls_back_to_the_tensors_file(saved, tmp_path):
+    base, lopt, _ = saved
+    old_card = Path(f"{base}.json").read_bytes()
+    newer = trained(lopt, seed=7)
+    save_checkpoint(base, lopt, newer)
+    want = card_of(base)["id"]
+    Path(f"{base}.json").write_bytes(old_card)  # as if killed between the two writes
+    with pytest.warns(ckpt.StaleCardWarning, match="stale"):
+        _, loaded, card = load_checkpoint(base)
+    assert card["id"] == want and all(torch.equal(loaded[k], newer[k]) for k in newer)
+
+
+def test_unknown_lopt_and_hostile_config_never_import_anything(saved, tmp_path):
+    base, _, meta = saved
+    marker = tmp_path / "pwned"
+    forge(base, meta, {"name": "os.system", "config": {}})
     with pytest.raises(CheckpointError, match=r"not registered \(known: .*mlp"):
         load_checkpoint(base)
-    card["lopt"] = {
-        "name": "mlp",
-        "config": {"_target_": "builtins.open", "file": str(marker), "mode": "w"},
-    }
-    write_card(base, card)
+    hostile = {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
+    forge(base, meta, {"name": "mlp", "config": hostile})
     with pytest.raises(CheckpointError, match="cannot build"):
         load_checkpoint(base)
     assert not marker.exists()
+
+
+def test_hostile_sizes_and_nesting_are_refused_before_any_allocation(saved):
+    base, lopt, meta = saved
+    # 4 TB of float32 if it were built: refused from shapes computed on fake tensors.
+    forge(base, meta, {"name": "mlp", "config": {**lopt.config(), "hidden_sizes": [1e6, 1e6]}})
+    with pytest.raises(CheckpointError, match="more than the"):
+        load_checkpoint(base)
+    Path(f"{base}.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested"):
+        load_checkpoint(base)
+    card = {"format": "l2o-lopt", "format_version": 2}
+    node = card
+    for _ in range(ckpt.MAX_CARD_DEPTH + 1):
+        node["x"] = {}
+        node = node["x"]
+    write_card(base, card)
+    with pytest.raises(CheckpointError, match="nested more than"):
+        load_checkpoint(base)
 
 
 def test_non_finite_meta_params_are_refused_on_save_and_rejected_on_load(tmp_path):
@@ -302,12 +360,8 @@ def test_non_finite_meta_params_are_refused_on_save_and_rejected_on_load(tmp_pat
     with pytest.raises(CheckpointError, match=r"\['out.b'\] hold NaN"):
         save_checkpoint(tmp_path / "nan", lopt, meta)
     assert not list(tmp_path.glob("nan*"))
-    # A NaN tensors file with a matching (forged) hash is still refused on load.
-    data = safetensors.torch.save(meta)
-    Path(f"{tmp_path / 'ok'}.safetensors").write_bytes(data)
-    card = card_of(tmp_path / "ok")
-    card["sha256"] = hashlib.sha256(data).hexdigest()
-    write_card(tmp_path / "ok", card)
+    # A NaN tensors file with matching (forged) hashes is still refused on load.
+    forge(tmp_path / "ok", meta, {"name": "lstm", "config": lopt.config()})
     with pytest.raises(CheckpointError, match="non-finite"):
         load_checkpoint(tmp_path / "ok")
 
@@ -329,7 +383,7 @@ def test_failed_save_leaves_an_existing_checkpoint_intact(saved):
     base, lopt, _ = saved
     before = Path(f"{base}.safetensors").read_bytes(), Path(f"{base}.json").read_bytes()
     with pytest.raises(CheckpointError):
-        save_checkpoint(base, lopt, trained(lopt, seed=3), extra_card={"bad": float("nan")})
+        save_checkpoint(base, lopt, trained(lopt, seed=3), extra_card={"bad": torch.ones(1)})
     after = Path(f"{base}.safetensors").read_bytes(), Path(f"{base}.json").read_bytes()
     assert before == after
     load_checkpoint(base)
@@ -360,3 +414,32 @@ def test_shipped_checkpoint_folder_is_next_to_the_package():
     assert Path(l2o.__file__).resolve().parents[1] / "checkpoints" == ckpt.SHIPPED_DIR
     for name in shipped_checkpoints():  # every shipped checkpoint must load
         load_checkpoint(resolve_checkpoint(name))
+
+
+def test_non_finite_metrics_are_written_as_null_and_listed(tmp_path):
+    lopt = LSTMLOpt(hidden_size=3)
+    extra = {"final_metrics": {"meta_loss": float("nan"), "step": 5.0}, "x": [1.0, float("inf")]}
+    save_checkpoint(tmp_path / "ck", lopt, trained(lopt), extra_card=extra)
+    card = card_of(tmp_path / "ck")
+    assert card["final_metrics"] == {"meta_loss": None, "step": 5.0} and card["x"] == [1.0, None]
+    assert card["non_finite"] == ["final_metrics.meta_loss", "x[1]"]
+    load_checkpoint(tmp_path / "ck")
+
+
+def test_update_card_adds_results_without_changing_the_identity(saved):
+    base, _, _ = saved
+    before = card_of(base)
+    ckpt.update_card(base, {"eval": {"meta_loss": 0.25, "diverged": float("nan")}})
+    after = card_of(base)
+    assert after["eval"] == {"meta_loss": 0.25, "diverged": None}
+    assert after["id"] == before["id"] and load_checkpoint(base)[2]["id"] == before["id"]
+    with pytest.raises(CheckpointError, match="reserved"):
+        ckpt.update_card(base, {"lopt": {}})
+
+
+def test_writes_leave_no_temporary_files_and_remove_orphans(saved):
+    base, lopt, meta = saved
+    orphan = base.parent / f".{base.name}.json.abc123.tmp"
+    orphan.write_text("left by a killed writer")
+    save_checkpoint(base, lopt, meta)
+    assert not list(base.parent.glob("*.tmp")) and not list(base.parent.glob(".*.tmp"))
