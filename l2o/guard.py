@@ -14,22 +14,30 @@ fallback's.
 Comparisons cost two loss evaluations. ``compare_every=n`` compares only every n-th step and in
 between reuses the last winner (still rejecting a non-finite learned update, which is free to
 detect). The guard is itself an :class:`~l2o.optim.base.UpdateRule` (``needs_loss_fn``), so it
-vmaps inside meta-training unrolls and runs under the generic ``torch.optim`` adapter.
+vmaps inside meta-training unrolls and runs under the generic ``torch.optim`` adapter; under
+vmap (a tensor ``step``, possibly different per member) both losses are evaluated every step
+and ``compare_every`` selects which comparisons count.
+
+Non-finite state is never kept: when a side's new state holds a NaN or inf (a gradient with an
+inf entry, an overflow), that side's state restarts from ``init`` and ``state_resets`` counts it,
+so one bad gradient cannot disable the guard for the rest of training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves, tree_map
 
 from l2o.learned.optimizer import CheckpointedOptimizer, CheckpointedRules
 from l2o.optim import registry
-from l2o.optim.adapter import GROUP_PREFIX, ClosureLoss
+from l2o.optim.adapter import GROUP_PREFIX, ClosureLoss, scalar_loss
 from l2o.optim.base import (
     LossFn,
     Params,
@@ -46,9 +54,22 @@ ACCEPT_WINDOW = 100
 LEARNED, FALLBACK, NO_STEP = 1, 0, -1
 
 
-def _all_finite(tree: Params) -> Tensor:
-    flags = [torch.isfinite(v).all() for v in tree.values()]
+def _all_finite(tree: Any) -> Tensor:
+    """One boolean: every floating-point tensor in the (nested) dict ``tree`` is finite."""
+    flags = [
+        torch.isfinite(v).all()
+        for v in tree_leaves(tree)
+        if isinstance(v, Tensor) and v.is_floating_point()
+    ]
     return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def _finite_or_fresh(new: State, fresh: State) -> tuple[State, Tensor]:
+    """``new`` if all of it is finite, else ``fresh`` (the rule's initial state), and whether
+    it was replaced; a ``torch.where`` per leaf, so it vmaps."""
+    ok = _all_finite(new)
+    kept = tree_map(lambda a, b: torch.where(ok, a, b) if isinstance(a, Tensor) else a, new, fresh)
+    return kept, (~ok).long()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +119,7 @@ class GuardRule(UpdateRule):
             # Ring buffer of recent choices (1 learned, 0 otherwise) for the acceptance rate.
             "recent": torch.zeros(ACCEPT_WINDOW, dtype=torch.int64, device=device),
             "recent_count": counter.clone(),
+            "state_resets": counter.clone(),
         }
 
     def update(
@@ -124,8 +146,17 @@ class GuardRule(UpdateRule):
         )
         learned_ok = _all_finite(learned_updates)
         fallback_ok = _all_finite(fallback_updates)
+        learned_state, learned_reset = _finite_or_fresh(learned_state, self.learned.init(params))
+        fallback_state, fallback_reset = _finite_or_fresh(
+            fallback_state, self.fallback.init(params)
+        )
 
-        if self._compares_at(step):
+        if isinstance(step, Tensor):  # under vmap: no data-dependent skipping of the losses
+            compares = (step % self.compare_every == 0).reshape(())
+            measured = self._compare(params, learned_updates, fallback_updates, loss_fn)
+            choice = torch.where(compares, measured, state["last_choice"])
+            compared = compares.long()
+        elif int(step) % self.compare_every == 0:
             choice = self._compare(params, learned_updates, fallback_updates, loss_fn)
             compared = torch.ones((), dtype=torch.int64, device=choice.device)
         else:
@@ -159,22 +190,19 @@ class GuardRule(UpdateRule):
             "last_choice": torch.where(compared.bool(), choice, state["last_choice"]),
             "recent": recent,
             "recent_count": state["recent_count"] + 1,
+            "state_resets": state.get("state_resets", torch.zeros_like(compared))
+            + learned_reset
+            + fallback_reset,
         }
         return updates, new_state
-
-    def _compares_at(self, step: Step) -> bool:
-        if self.compare_every == 1:
-            return True
-        # A Python int or an ordinary 0-dim tensor; under vmap the caller steps in lockstep.
-        return int(step) % self.compare_every == 0
 
     def _compare(
         self, params: Params, learned_updates: Params, fallback_updates: Params, loss_fn: LossFn
     ) -> Tensor:
         learned_loss = loss_fn(apply_updates(params, learned_updates))
         fallback_loss = loss_fn(apply_updates(params, fallback_updates))
-        learned_loss = torch.as_tensor(learned_loss).detach()
-        fallback_loss = torch.as_tensor(fallback_loss).detach()
+        learned_loss = scalar_loss(learned_loss, "the guard's loss_fn")
+        fallback_loss = scalar_loss(fallback_loss, "the guard's loss_fn")
         learned_wins = torch.isfinite(learned_loss) & (
             (learned_loss <= fallback_loss) | ~torch.isfinite(fallback_loss)
         )
@@ -190,6 +218,7 @@ def guard_stats(state: State) -> dict[str, float]:
         "fallback_steps": int(state["fallback_steps"]),
         "skipped_steps": int(state["skipped_steps"]),
         "comparisons": int(state["comparisons"]),
+        "state_resets": int(state.get("state_resets", 0)),
         "accept_rate": float(recent.float().mean()) if seen else float("nan"),
         "last_choice": {LEARNED: "learned", FALLBACK: "fallback", NO_STEP: "none"}[
             int(state["last_choice"])
@@ -239,6 +268,7 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
             "fallback_kwargs": {k: v for k, v in fallback_kwargs.items() if _plain(v)},
         }
         self._guard_closure: Callable[[], Any] | None = None
+        self._warned_reset = False
 
         def guard_rule(device: torch.device) -> GuardRule:
             return GuardRule(learned=self.learned.rule(device), fallback=self.fallback)
@@ -253,9 +283,25 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         """One guarded step; see the class docstring for ``closure`` and ``guard_closure``."""
         self._guard_closure = guard_closure
         try:
-            return super().step(closure)
+            loss = super().step(closure)
         finally:
             self._guard_closure = None
+        self._warn_once_on_reset()
+        return loss
+
+    def _warn_once_on_reset(self) -> None:
+        if self._warned_reset:
+            return
+        state = self._guard_state(self.param_groups[0])
+        if state is not None and int(state.get("state_resets", 0)) > 0:
+            self._warned_reset = True
+            warnings.warn(
+                "GuardedLearnedOptimizer: a step produced non-finite optimizer state (a NaN or "
+                "inf gradient?); the affected state was reset and the step skipped or taken by "
+                "the finite side. guard_stats['state_resets'] counts these; warned once.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _loss_fn(self, closure, live, known_loss):
         if self._guard_closure is None:
@@ -273,6 +319,7 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
                 "fallback_steps": 0,
                 "skipped_steps": 0,
                 "comparisons": 0,
+                "state_resets": 0,
                 "accept_rate": float("nan"),
                 "last_choice": "none",
             }

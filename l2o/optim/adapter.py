@@ -55,7 +55,16 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._group_rule(self.param_groups[-1])  # a bad hyper-parameter fails here, not mid-run
+        group = self.param_groups[-1]
+        for i, p in enumerate(group["params"]):
+            if p.is_complex() and not self.rule.supports_complex:
+                self.param_groups.pop()
+                raise TypeError(
+                    f"{type(self).__name__}: parameter {i} of group {len(self.param_groups)} is "
+                    f"complex ({p.dtype}); l2o's rules update real tensors: optimise "
+                    "torch.view_as_real(p) as a real parameter instead"
+                )
+        self._group_rule(group)  # a bad hyper-parameter fails here, not mid-run
 
     def _group_rule(self, group: Mapping[str, Any]) -> UpdateRule:
         base = self._base_rule(group)
@@ -89,11 +98,75 @@ class RuleOptimizer(torch.optim.Optimizer):
             for p in group["params"]
             if p.grad is not None
         }
-        known_loss = _detached(loss) if probing else None
-        for group in self.param_groups:
-            if self._step_group(group, grads, closure, known_loss):
-                known_loss = None  # parameters moved: the closure's loss is stale
+        if not probing:
+            for group in self.param_groups:
+                self._step_group(group, grads, closure, None)
+            return loss
+        known_loss = scalar_loss(loss, "the closure")
+        # The closure runs again at candidate points and may raise (or be interrupted): then
+        # every parameter, gradient and state entry is put back as it was before this step.
+        snapshot = self._snapshot(grads)
+        try:
+            for group in self.param_groups:
+                if self._step_group(group, grads, closure, known_loss):
+                    known_loss = None  # parameters moved: the closure's loss is stale
+        except BaseException:
+            self._restore(snapshot, grads)
+            raise
         return loss
+
+    def _snapshot(self, grads: Mapping[Tensor, Tensor]) -> dict[Tensor, tuple[Tensor, dict]]:
+        # State entries are replaced, never modified in place, so shallow copies suffice.
+        return {p: (p.detach().clone(), dict(self.state.get(p, {}))) for p in grads}
+
+    def _restore(
+        self, snapshot: Mapping[Tensor, tuple[Tensor, dict]], grads: Mapping[Tensor, Tensor]
+    ) -> None:
+        with torch.no_grad():
+            for p, (value, state) in snapshot.items():
+                p.copy_(value)
+                p.grad = grads[p].clone()
+                if state:
+                    self.state[p] = state
+                else:
+                    self.state.pop(p, None)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """``torch.optim``'s load, then a check that every loaded slot has the shape and dtype
+        this optimizer's rule gives its parameter (``torch.optim`` would broadcast a ``[1]``
+        slot into a ``[7]`` parameter silently); on a mismatch the previous state is kept."""
+        previous_state, previous_groups = self.state, self.param_groups
+        super().load_state_dict(state_dict)
+        try:
+            for index, group in enumerate(self.param_groups):
+                self._check_loaded_group(index, group)
+        except ValueError:
+            self.state, self.param_groups = previous_state, previous_groups
+            raise
+
+    def _check_loaded_group(self, index: int, group: Mapping[str, Any]) -> None:
+        loaded = {str(i): p for i, p in enumerate(group["params"]) if _has_slots(self.state[p])}
+        if not loaded:
+            return
+        expected = {k: {} for k in loaded}
+        with torch.no_grad():
+            initial = self._group_rule(group).init({k: p.detach() for k, p in loaded.items()})
+        _store_state(initial, expected, None)
+        for k, p in loaded.items():
+            for slot, want in expected[k].items():
+                got = self.state[p].get(slot)
+                if not isinstance(got, Tensor):
+                    raise ValueError(
+                        f"optimizer state of param {k} in group {index} has no tensor slot "
+                        f"{slot!r}: the state was saved by another optimizer or rule"
+                    )
+                if got.shape != want.shape or got.dtype != want.dtype:
+                    raise ValueError(
+                        f"optimizer state slot {slot!r} of param {k} in group {index} is "
+                        f"{got.dtype}{list(got.shape)}, but the parameter needs "
+                        f"{want.dtype}{list(want.shape)}: the state belongs to other parameters "
+                        "(another model, or params passed in another order)"
+                    )
 
     def _step_group(
         self,
@@ -185,7 +258,7 @@ class ClosureLoss:
         with torch.enable_grad():
             loss = self.closure()
         self.evaluations += 1
-        return _detached(loss)
+        return scalar_loss(loss, "the closure")
 
     def value_and_grad(self, values: Params) -> tuple[Tensor, Params]:
         loss = self(values)
@@ -232,6 +305,9 @@ def _store_state(
             if isinstance(value, Mapping) and value and set(value) == keys:
                 for k, tensor in value.items():
                     per_param[k][slot] = tensor
+            elif isinstance(value, Mapping) and not value:
+                if anchor is not None:  # an empty sub-state (SGD without momentum) is kept
+                    anchor[GROUP_PREFIX + slot] = {}
             elif isinstance(value, Mapping):
                 visit(value, slot + _SEPARATOR)
             elif anchor is not None:
@@ -259,8 +335,18 @@ def _nested_set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _detached(loss: Any) -> Tensor:
-    return loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
+def scalar_loss(loss: Any, source: str) -> Tensor:
+    """``loss`` detached as a 0-dim tensor; anything but one number is a clear error (a
+    closure that forgot ``return loss``, or returns per-example losses)."""
+    if isinstance(loss, Tensor) and loss.numel() == 1 and not loss.is_complex():
+        return loss.detach().reshape(())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return torch.tensor(float(loss))
+    what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
+    raise TypeError(
+        f"{source} must return the loss as one number (a 0-dim tensor or a float), got {what}; "
+        "end it with `return loss` (reduce per-example losses with .mean())"
+    )
 
 
 def _storage(t: Tensor) -> int:

@@ -52,6 +52,9 @@ class UpdateRule(ABC):
 
     #: Rules that need ``loss_fn`` (line searches, Hessian-vector products, the guard) set this.
     needs_loss_fn: ClassVar[bool] = False
+    #: Rules that handle complex tensors themselves (L-BFGS, through their real views) set this;
+    #: the ``torch.optim`` adapter refuses complex parameters for the others.
+    supports_complex: ClassVar[bool] = False
 
     @abstractmethod
     def init(self, params: Params) -> State:

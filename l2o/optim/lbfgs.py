@@ -74,6 +74,7 @@ class LBFGS(UpdateRule):
     line_search_fn: str | None = None
 
     needs_loss_fn: ClassVar[bool] = True
+    supports_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_hyperparameter("lr", self.lr)
