@@ -135,7 +135,7 @@ def test_a_closure_that_does_not_return_one_loss_is_a_clear_error(returned):
 
 def test_complex_parameters_are_refused_with_a_clear_error():
     z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
-    with pytest.raises(TypeError, match="complex.*view_as_real"):
+    with pytest.raises(TypeError, match=r"complex.*view_as_real"):
         l2o.LearnedOptimizer([z])
     with pytest.raises(TypeError, match="complex"):
         l2o.optim.Adam([z])
