@@ -26,7 +26,8 @@ class Tracker:
     """A W&B run, or nothing when ``mode="disabled"``.
 
     ``config`` is a plain dict (use ``OmegaConf.to_container(cfg, resolve=True)``); values of
-    :meth:`log` are numbers (tensors with one element are converted).
+    :meth:`log` are numbers (tensors with one element are converted). ``run_id`` continues the
+    W&B run of that id (a resumed meta-training run) instead of starting a new one.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class Tracker:
         name: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
+        run_id: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}")
@@ -63,7 +65,15 @@ class Tracker:
             group=group,
             tags=tags,
             settings=settings,
+            # A resumed meta-training run continues its W&B run instead of opening another.
+            id=run_id,
+            resume="allow" if run_id else None,
         )
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run's id (pass it as ``run_id`` to continue the run), if a run is open."""
+        return self.run.id if self.run is not None else None
 
     @property
     def enabled(self) -> bool:

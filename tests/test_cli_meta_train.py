@@ -56,7 +56,9 @@ def test_cli_resume_continues_exactly(tmp_path, estimator):
 
 def test_resume_with_another_config_is_refused(tmp_path):
     run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0"))
-    with pytest.raises(ResumeError, match="different seed"):
+    with pytest.raises(
+        ConfigError, match=r"^seed: the run being resumed was made with another seed"
+    ):
         run(_cfg(tmp_path, "outer_steps=2", "resume=true", "seed=5"))
 
 
@@ -73,22 +75,28 @@ def test_fresh_run_refuses_to_clobber_an_existing_run_unless_told(tmp_path):
     [
         (
             ["estimator.truncation=50", "estimator.horizon=20"],
-            r"estimator\.truncation=50 > estimator\.horizon=20",
+            r"^estimator\.truncation: estimator\.truncation=50 > estimator\.horizon=20 \(a trunc",
         ),
-        (["estimator.name=sgd"], r"unknown estimator estimator\.name=sgd"),
-        (["estimator.population=0"], r"estimator\.population must be positive"),
-        (["estimator=pes", "estimator.population=3"], r"estimator\.population=3 must be even"),
-        (["outer_steps=0"], r"outer_steps must be positive"),
-        (["checkpoint_every=-1"], r"checkpoint_every must be >= 0"),
-        (["eval.seeds=-2"], r"eval\.seeds must be >= 0"),
-        (["estimator.meta_loss=mse"], r"unknown meta-loss estimator\.meta_loss=mse"),
-        (["meta_grad_clip=-1"], r"meta_grad_clip must be a number >= 0"),
-        (["device=tpu"], r"device must be auto, cpu or cuda"),
-        (["lopt._target_=l2o.learned.NoSuchLOpt"], r"unknown lopt: lopt\._target_="),
-        (["task._target_=l2o.optim.rules.Adam"], r"task\._target_=l2o\.optim\.rules\.Adam is not"),
-        (["outer_optim.name=adamm"], r"unknown outer optimizer outer_optim\.name=adamm"),
-        (["lopt.hidden_sizes=[0]"], r"lopt: hidden_sizes must be positive"),
-        (["task.dim=[0,4]"], r"task: "),
+        (["estimator.name=sgd"], r"^estimator\.name: unknown estimator estimator\.name=sgd \(kno"),
+        (["estimator.population=0"], r"^estimator\.population: must be positive"),
+        (["estimator.population=100000000"], r"^estimator\.population: must be <= 65,536"),
+        (["estimator.horizon=10000000000"], r"^estimator\.horizon: must be <= 10,000,000"),
+        (["estimator=pes", "estimator.population=3"], r"^estimator\.population: .*=3 must be even"),
+        (["outer_steps=0"], r"^outer_steps: must be positive"),
+        (["checkpoint_every=-1"], r"^checkpoint_every: must be >= 0"),
+        (["eval.seeds=-2"], r"^eval\.seeds: must be >= 0"),
+        (["estimator.meta_loss=mse"], r"^estimator\.meta_loss: unknown meta-loss .*=mse \(known"),
+        (["meta_grad_clip=-1"], r"^meta_grad_clip: must be a number >= 0"),
+        (["seed=99999999999999999999"], r"^seed: must be <= "),
+        (["seed=-1"], r"^seed: must be >= 0"),
+        (["device=tpu"], r"^device: must be auto, cpu or cuda"),
+        (["device=cuda:abc"], r"^device: 'cuda:abc' is not a device"),
+        (["threads=0"], r"^threads: must be positive"),
+        (["lopt._target_=l2o.learned.NoSuchLOpt"], r"^lopt\._target_: unknown lopt: lopt\._t"),
+        (["task._target_=l2o.optim.rules.Adam"], r"^task\._target_: .*rules\.Adam is not a Task"),
+        (["outer_optim.name=adamm"], r"^outer_optim\.name: unknown outer optimizer"),
+        (["lopt.hidden_sizes=[0]"], r"^lopt: hidden_sizes must be positive"),
+        (["task.dim=[0,4]"], r"^task: "),
     ],
 )
 def test_bad_config_fails_before_any_work_naming_the_key(tmp_path, overrides, message):
@@ -96,6 +104,20 @@ def test_bad_config_fails_before_any_work_naming_the_key(tmp_path, overrides, me
     with pytest.raises(ConfigError, match=message):
         run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_is_a_file_or_the_shipped_checkpoints_is_refused(tmp_path, monkeypatch):
+    from l2o.learned.checkpoint import SHIPPED_DIR
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^run_dir: .*file is a file"):
+        run(_cfg(tmp_path, f"run_dir={tmp_path / 'file'}"))
+    for shipped_parent in (SHIPPED_DIR.parent, SHIPPED_DIR):
+        with pytest.raises(ConfigError, match=r"^run_dir: .*shipped checkpoints folder"):
+            run(_cfg(tmp_path, f"run_dir={shipped_parent}"))
+    monkeypatch.setattr(os, "access", lambda *a: False)  # as a non-root user without rights
+    with pytest.raises(ConfigError, match=r"^run_dir: .* is not writable"):
+        run(_cfg(tmp_path))
 
 
 def test_unknown_config_group_choice_names_the_group(tmp_path):
@@ -121,7 +143,10 @@ def test_console_script_runs_the_smoke_experiment(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out meta-loss" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.json").is_file()
-    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert not (tmp_path / "run" / ".hydra").exists()
+    log = (tmp_path / "run" / "meta_train.log").read_text()
+    assert "start run_dir=" in log and "trained to outer step 3" in log
 
 
 def test_console_script_reports_a_bad_key_and_exits_2(tmp_path):
@@ -133,8 +158,9 @@ def test_console_script_reports_a_bad_key_and_exits_2(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 2
-    assert "estimator.truncation=9 > estimator.horizon=4" in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert proc.stderr.startswith("l2o-meta-train: error: estimator.truncation: estimator.trunc")
+    assert len(proc.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert not (tmp_path / "run").exists()  # nothing created for a refused command
 
 
 def test_offline_wandb_run_holds_the_trainers_metrics(tmp_path):
@@ -185,7 +211,7 @@ def test_warm_start_begins_from_the_checkpoint_and_records_it(tmp_path):
     _, params, card = load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last")
     assert card["provenance"]["init_from"] == checkpoint_id(source_card)
     assert any(not torch.equal(params[k], source_params[k]) for k in params)  # it trained on
-    with pytest.raises(ResumeError, match="different init_from"):
+    with pytest.raises(ConfigError, match="another init_from"):
         run(_cfg(tmp_path / "b", "outer_steps=2", "resume=true"))
 
 

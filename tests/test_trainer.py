@@ -18,6 +18,7 @@ from l2o.meta.trainer import (
     ResumeError,
     clip_by_global_norm,
     load_resume_file,
+    save_resume_file,
 )
 from l2o.optim.base import UpdateRule
 
@@ -123,7 +124,8 @@ def test_resumed_run_reaches_identical_meta_params_as_uninterrupted_run(tmp_path
 def test_resume_file_loads_with_weights_only_and_holds_the_whole_state(tmp_path):
     trainer = _trainer(tmp_path, steps=2)
     trainer.train()
-    state = torch.load(tmp_path / RESUME_FILE, weights_only=True)
+    assert torch.load(tmp_path / RESUME_FILE, weights_only=True)["format"] == 2
+    state = load_resume_file(tmp_path / RESUME_FILE)
     assert state["step"] == 2
     assert set(state) >= {"meta_params", "outer_state", "estimator_state", "generator_state"}
     assert len(state["history"]) == 2
@@ -208,9 +210,16 @@ def test_checkpoints_are_written_every_n_steps_with_a_provenance_card(tmp_path):
 def test_corrupted_resume_file_raises_a_clear_error(tmp_path, damage):
     _trainer(tmp_path, steps=2).train()
     damage(tmp_path / RESUME_FILE)
-    trainer = _trainer(tmp_path, steps=4)
     with pytest.raises(ResumeError, match=r"resume"):
+        load_resume_file(tmp_path / RESUME_FILE)
+    # The save before it is still there, and resuming falls back to it, saying so.
+    trainer = _trainer(tmp_path, steps=4)
+    with pytest.warns(UserWarning, match=r"resuming from resume.prev.pt \(outer step 0\)"):
         trainer.resume()
+    assert trainer.step == 0
+    damage(tmp_path / "resume.prev.pt")
+    with pytest.raises(ResumeError, match=r"resume"):
+        _trainer(tmp_path, steps=4).resume()
     assert issubclass(ResumeError, CheckpointError)
 
 
@@ -223,9 +232,9 @@ def test_resume_file_refuses_pickled_code(tmp_path):
 
 def test_resume_from_another_lopt_is_refused(tmp_path):
     _trainer(tmp_path, steps=1).train()
-    state = torch.load(tmp_path / RESUME_FILE, weights_only=True)
+    state = load_resume_file(tmp_path / RESUME_FILE)
     state["meta_params"]["b"] = torch.zeros(5)
-    torch.save(state, tmp_path / RESUME_FILE)
+    save_resume_file(state, tmp_path / RESUME_FILE)
     with pytest.raises(ResumeError, match="'b' has shape"):
         _trainer(tmp_path, steps=2).resume()
 

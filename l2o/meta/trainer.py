@@ -12,13 +12,16 @@ Each outer step ``t``:
 The outer optimizer is an ordinary l2o update rule (Adam by default) applied functionally to the
 meta-parameters. Everything the loop depends on — meta-parameters, outer-optimizer state,
 estimator state (inner parameters and states of the population), the generator, counters and
-metric history — goes into a resume file (one per rank), written atomically, so a run killed at
-any moment and resumed reaches exactly the meta-parameters of an uninterrupted run.
+metric history — goes into a resume file (one per rank, :mod:`l2o.meta.resume`), written
+durably with the previous one kept, so a run killed at any moment and resumed reaches exactly the
+meta-parameters of an uninterrupted run. The first resume file is written before the first outer
+step, and SIGINT/SIGTERM finish the current outer step, save and raise
+:class:`MetaTrainingInterrupted`.
 
 Run directory layout::
 
-    <run_dir>/resume.pt                       exact-resume state (torch.load(weights_only=True))
-    <run_dir>/resume.rank<r>.pt               the same for rank r > 0 of a distributed run
+    <run_dir>/resume.pt, resume.prev.pt       exact-resume state: the newest save and the one before
+    <run_dir>/resume.rank<r>[.prev].pt        the same for rank r > 0 of a distributed run
     <run_dir>/checkpoints/step_000100.{safetensors,json}   learned optimizer + card
     <run_dir>/checkpoints/last.{safetensors,json}          the newest of them (a copy)
 """
@@ -28,9 +31,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import subprocess
-import tempfile
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +45,22 @@ from typing import Any
 import torch
 
 from l2o.learned.base import LOpt
-from l2o.learned.checkpoint import CheckpointError, default_provenance, save_checkpoint
+from l2o.learned.checkpoint import default_provenance, save_checkpoint
 from l2o.meta.base import EstimatorState, GradientEstimator
 from l2o.meta.distributed import World, all_reduce_mean, barrier, broadcast, mean_metrics
 from l2o.meta.losses import get_meta_loss
+from l2o.meta.resume import (
+    RESUME_FILE,
+    RESUME_FORMAT,
+    ResumeError,
+    complete_step,
+    load_resume_file,
+    rank_files,
+    readable_steps,
+    resume_file_name,
+    rotate_and_save,
+    save_resume_file,
+)
 from l2o.meta.unroll import init_carry, unroll
 from l2o.optim.base import (
     Params,
@@ -55,12 +73,21 @@ from l2o.optim.base import (
 )
 from l2o.tasks.base import Task, TaskFamily
 
-RESUME_FILE = "resume.pt"
+__all__ = [
+    "RESUME_FILE",
+    "RESUME_FORMAT",
+    "MetaTrainResult",
+    "MetaTrainer",
+    "MetaTrainingInterrupted",
+    "ResumeError",
+    "load_resume_file",
+    "resume_file_name",
+    "save_resume_file",
+]
+
 CHECKPOINT_DIR = "checkpoints"
 #: Ranks > 0 of a distributed run draw from generators seeded ``seed + stride * rank``.
 _RANK_SEED_STRIDE = 1_000_003
-#: Bumped when the resume file's layout changes; older files are refused with a clear message.
-RESUME_FORMAT = 1
 _RESUME_KEYS = (
     "format",
     "step",
@@ -75,8 +102,53 @@ _RESUME_KEYS = (
 )
 
 
-class ResumeError(CheckpointError):
-    """A resume file that is missing, corrupted, or does not belong to this run."""
+class ResumeWarning(UserWarning):
+    """A run resumes from an older save than its newest file (damaged, or not on every rank)."""
+
+
+class MetaTrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped meta-training after an outer step that was then saved."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path | None) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        name = signal.Signals(signum).name
+        saved = f"saved in {run_dir}" if run_dir is not None else "nothing saved (no run_dir)"
+        super().__init__(f"interrupted by {name} after outer step {step}; {saved}")
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a flag instead of killing the loop, so that the current outer step
+    finishes and is saved; a second SIGINT stops at once (every write is durable, so even that
+    loses nothing but the step in progress). Only the main thread can install handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            print(
+                f"\n{signal.Signals(signum).name}: finishing this outer step and saving "
+                "(Ctrl-C again stops at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -243,35 +315,34 @@ class MetaTrainer:
         return metrics
 
     def train(self) -> MetaTrainResult:
-        """Run outer steps until ``outer_steps``, logging and checkpointing along the way."""
-        bar = None
-        if self.progress and self.world.is_main and self.step < self.outer_steps:
-            from tqdm.auto import tqdm
+        """Run outer steps until ``outer_steps``, logging and checkpointing along the way.
 
-            bar = tqdm(
-                total=self.outer_steps,
-                initial=self.step,
-                desc="meta-train",
-                unit="step",
-                mininterval=1.0,
-            )
+        A fresh run saves its resume file before the first step (so it can be resumed however
+        early it is killed). SIGINT/SIGTERM finish the current step, save, and raise
+        :class:`MetaTrainingInterrupted`.
+        """
+        if self.step == 0 and self.run_dir is not None:
+            self.save(checkpoint=False)
+        bar = None
         try:
-            while self.step < self.outer_steps:
-                metrics = self.outer_step()
-                if self.world.is_main:
-                    if self.tracker is not None:
-                        self.tracker.log(metrics, step=self.step)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(
-                            meta_loss=f"{metrics.get('meta_loss', float('nan')):.4g}",
-                            skipped=self.skipped_nonfinite,
+            with _StopOnSignal(announce=self.world.is_main) as stop:
+                while self.step < self.outer_steps:
+                    metrics = self.outer_step()
+                    if bar is None:
+                        # Started after the first step, whose warm-up would distort the ETA.
+                        bar = self._progress_bar()
+                    self._report(metrics, bar)
+                    stopping = self._any_rank(stop.signum is not None)
+                    last = self.step == self.outer_steps
+                    due = self.checkpoint_every and self.step % self.checkpoint_every == 0
+                    if last or due or stopping:
+                        self.save()
+                    if stopping:
+                        raise MetaTrainingInterrupted(
+                            stop.signum or signal.SIGTERM, self.step, self.run_dir
                         )
-                last = self.step == self.outer_steps
-                if last or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
-                    self.save()
         finally:
-            if bar is not None:
+            if bar:
                 bar.close()
         if self.world.is_main and self.tracker is not None:
             final = {f"final_{k}": v for k, v in (self.history[-1] if self.history else {}).items()}
@@ -282,6 +353,39 @@ class MetaTrainer:
             skipped_nonfinite=self.skipped_nonfinite,
             run_dir=self.run_dir,
         )
+
+    def _progress_bar(self):
+        if not (self.progress and self.world.is_main):
+            return False
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.outer_steps,
+            initial=self.step,
+            desc="meta-train",
+            unit="step",
+            mininterval=1.0,
+        )
+
+    def _report(self, metrics: Mapping[str, float], bar) -> None:
+        if not self.world.is_main:
+            return
+        if self.tracker is not None:
+            self.tracker.log(metrics, step=self.step)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(
+                meta_loss=f"{metrics.get('meta_loss', float('nan')):.4g}",
+                skipped=self.skipped_nonfinite,
+            )
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (every rank must stop at the same step)."""
+        if not self.world.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     # --- checkpoints and exact resume ------------------------------------------------------
 
@@ -301,6 +405,7 @@ class MetaTrainer:
             "seed": self.seed,
             "world_size": self.world.size,
             "config": self.config,
+            "tracker_run_id": getattr(self.tracker, "run_id", None),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "resume state") -> None:
@@ -320,6 +425,18 @@ class MetaTrainer:
                 f"{source} was written by a run on {world_size} process(es); resume it with the "
                 f"same number (this run has {self.world.size})"
             )
+        _check_fields(state, source)
+        _check_same_tree(self.outer_state, state["outer_state"], f"{source}: outer_state")
+        _check_same_tree(
+            self.estimator_state, state["estimator_state"], f"{source}: estimator_state", depth=1
+        )
+        generator = torch.Generator()
+        try:
+            generator.set_state(state["generator_state"])
+        except (RuntimeError, TypeError) as err:
+            raise ResumeError(
+                f"{source}: generator_state is not a generator state ({err})"
+            ) from err
         self.meta_params = {k: v.to(self.device) for k, v in state["meta_params"].items()}
         self.outer_state = map_tensors(lambda t: t.to(self.device), state["outer_state"])
         self.estimator_state = state["estimator_state"]
@@ -338,8 +455,9 @@ class MetaTrainer:
                 raise ResumeError("resume needs a run_dir (or the path of a resume file)")
             path = self.run_dir
         path = Path(path)
-        path = path / resume_file_name(self.world.rank) if path.is_dir() else path
-        if self.world.rank > 0 and path.name == RESUME_FILE:
+        if path.is_dir():
+            path = self._newest_complete_save(path)
+        elif self.world.rank > 0 and path.name == RESUME_FILE:
             path = path.with_name(resume_file_name(self.world.rank))
         self.load_state_dict(load_resume_file(path, self.device), source=str(path))
         if self.world.distributed:
@@ -352,15 +470,48 @@ class MetaTrainer:
                     "restore the files of one step from a backup or start over"
                 )
 
-    def save(self) -> None:
-        """Write the resume file (each rank its own) and, on rank 0, a learned-optimizer
-        checkpoint of the current meta-parameters."""
+    def _newest_complete_save(self, run_dir: Path) -> Path:
+        """This rank's file of the newest step that every rank saved completely."""
+        steps = readable_steps(run_dir, self.world.rank)
+        if self.world.distributed:
+            gathered: list[Any] = [None] * self.world.size
+            torch.distributed.all_gather_object(gathered, sorted(steps))
+        else:
+            gathered = [sorted(steps)]
+        step = complete_step(gathered)
+        newest = rank_files(run_dir, self.world.rank)[0]
+        if step is None:
+            if not newest.is_file():
+                raise ResumeError(
+                    f"no resume file at {newest}; start without resume, or point resume= at one"
+                )
+            if steps:  # readable here, but not at a step every rank holds
+                raise ResumeError(
+                    f"the ranks' resume files in {run_dir} share no complete outer step "
+                    f"(this rank: {sorted(steps)}); start over"
+                )
+            load_resume_file(newest)  # raises what is wrong with it
+            raise ResumeError(f"{newest} cannot be resumed from")  # pragma: no cover
+        chosen = steps[step]
+        if chosen != newest and self.world.is_main:
+            warnings.warn(
+                f"resuming from {chosen.name} (outer step {step}): the newest save {newest.name} "
+                "is damaged or incomplete on some rank (a kill while saving)",
+                ResumeWarning,
+                stacklevel=3,
+            )
+        return chosen
+
+    def save(self, checkpoint: bool = True) -> None:
+        """Write the resume file (each rank its own, the previous one kept) and, on rank 0 with
+        ``checkpoint``, a learned-optimizer checkpoint of the current meta-parameters."""
         if self.run_dir is None:
             return
-        if self.world.is_main:
+        if checkpoint and self.world.is_main:
             self.save_lopt_checkpoint(self.run_dir / CHECKPOINT_DIR / f"step_{self.step:06d}")
             self.save_lopt_checkpoint(self.run_dir / CHECKPOINT_DIR / "last")
-        save_resume_file(self.state_dict(), self.run_dir / resume_file_name(self.world.rank))
+        rotate_and_save(self.state_dict(), self.run_dir, self.world.rank)
+        # No rank rotates again before every rank has this save complete on disk.
         barrier(self.world)
 
     def save_lopt_checkpoint(self, path: str | os.PathLike) -> None:
@@ -390,6 +541,7 @@ def evaluate(
     horizon: int,
     meta_loss: str = "train_mean",
     device: str | torch.device = "cpu",
+    progress: bool | str = False,
 ) -> float:
     """Held-out meta-loss: the mean over ``seeds`` of the meta-loss of one whole episode.
 
@@ -397,7 +549,8 @@ def evaluate(
     from its initial parameters (for a family, on the task ``family.sample(seed)``), and scores
     the episode with ``meta_loss`` (:mod:`l2o.meta.losses`). Seeds disjoint from the ones the
     estimator draws make it a held-out number; the same seeds make two ``meta_params``
-    comparable (common random numbers).
+    comparable (common random numbers). ``progress`` (True or a label) shows a bar over the
+    seeds' episodes.
     """
     if not seeds:
         raise ValueError("evaluate needs at least one seed")
@@ -412,6 +565,11 @@ def evaluate(
         else:  # one structure: the whole population at once
             groups = [(task.to(device), [int(s) for s in seeds])]
         total = 0.0
+        if progress:
+            from tqdm.auto import tqdm
+
+            label = progress if isinstance(progress, str) else "evaluate"
+            groups = tqdm(groups, desc=label, unit="episode" if len(groups) > 1 else "population")
         for member_task, member_seeds in groups:
             carry = init_carry(
                 rule, member_task, torch.tensor(member_seeds, dtype=torch.int64), device=device
@@ -419,57 +577,6 @@ def evaluate(
             result = unroll(rule, member_task, carry, horizon, eval_mode=loss_fn.eval_mode)
             total += float(loss_fn(result.terms).sum())
     return total / len(seeds)
-
-
-def resume_file_name(rank: int = 0) -> str:
-    """``resume.pt`` for rank 0 (and single-process runs), ``resume.rank<r>.pt`` for the others:
-    every rank carries its own share of the population's inner state."""
-    return RESUME_FILE if rank == 0 else f"resume.rank{rank}.pt"
-
-
-def save_resume_file(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: a kill at any
-    moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_resume_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """Read a resume file with ``weights_only=True``; any damage raises :class:`ResumeError`.
-
-    Tensors saved on a GPU come back on ``device`` (CPU tensors stay on the CPU), so a run
-    resumes on another GPU or on the CPU.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ResumeError(
-            f"no resume file at {path}; start without resume, or point resume= at one"
-        )
-    device = torch.device(device)
-
-    def place(storage, location: str):
-        return storage if location == "cpu" else storage.to(device)
-
-    try:
-        state = torch.load(path, map_location=place, weights_only=True)
-    except Exception as err:  # truncated zip, wrong magic, forbidden pickle global, ...
-        raise ResumeError(
-            f"resume file {path} is corrupted or not an l2o resume file "
-            f"({type(err).__name__}: {err}); delete it to start over, or resume from a copy"
-        ) from err
-    if not isinstance(state, dict):
-        raise ResumeError(f"resume file {path} holds a {type(state).__name__}, not a dict")
-    return state
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
@@ -522,6 +629,48 @@ def _task_steps(estimator: GradientEstimator) -> float:
     population = getattr(estimator, "population", 1)
     truncation = getattr(estimator, "truncation", 1)
     return float(population * truncation) if isinstance(truncation, (int, float)) else 0.0
+
+
+def _check_fields(state: Mapping[str, Any], source: str) -> None:
+    """The scalar fields of a resume state have the types the trainer writes."""
+    for key in ("step", "applied_updates", "skipped_nonfinite"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ResumeError(f"{source}: {key} must be an integer >= 0, got {value!r}")
+    if state["applied_updates"] + state["skipped_nonfinite"] > state["step"]:
+        raise ResumeError(f"{source}: more updates than outer steps; the file was tampered with")
+    if not isinstance(state["wall_time"], (int, float)) or isinstance(state["wall_time"], bool):
+        raise ResumeError(f"{source}: wall_time must be a number")
+    history = state["history"]
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise ResumeError(f"{source}: history must be a list of metric dicts")
+    if len(history) != state["step"]:
+        raise ResumeError(
+            f"{source}: history has {len(history)} rows for {state['step']} outer steps"
+        )
+
+
+def _check_same_tree(expected: Any, got: Any, source: str, depth: int | None = None) -> None:
+    """``got`` has ``expected``'s nested keys, and tensors of its shapes (to ``depth`` levels of
+    nesting; deeper, only keys: an estimator's inner state may change shape per episode)."""
+    if isinstance(expected, Mapping):
+        if not isinstance(got, Mapping) or set(got) != set(expected):
+            have = sorted(got) if isinstance(got, Mapping) else type(got).__name__
+            raise ResumeError(
+                f"{source} holds {have}, expected {sorted(expected)}: the file was written by "
+                "another configuration or tampered with"
+            )
+        if depth is not None and depth <= 0:
+            return
+        for k in expected:
+            _check_same_tree(
+                expected[k], got[k], f"{source}.{k}", None if depth is None else depth - 1
+            )
+    elif isinstance(expected, torch.Tensor) and (
+        not isinstance(got, torch.Tensor) or got.shape != expected.shape
+    ):
+        shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise ResumeError(f"{source} is {shape}, expected a tensor {list(expected.shape)}")
 
 
 def _check_same_structure(expected: Params, got: Any, source: str) -> None:
