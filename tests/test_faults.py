@@ -179,3 +179,262 @@ def test_guard_with_compare_every_vmaps_and_matches_member_by_member():
             p, s = member(p, curvature[i], s, t)
         torch.testing.assert_close(params["w"][i], p["w"])
         assert int(state["comparisons"][i]) == int(s["comparisons"]) == 3
+
+
+# --- meta-training: saving, killing, resuming ---------------------------------------------------
+
+from test_trainer import NoisyQuadraticEstimator, ToyLOpt, _adam, _trainer  # noqa: E402
+
+from l2o.learned.checkpoint import StaleCardWarning, load_checkpoint  # noqa: E402
+from l2o.meta import resume as resume_io  # noqa: E402
+from l2o.meta.trainer import (  # noqa: E402
+    MetaTrainingInterrupted,
+    ResumeError,
+    load_resume_file,
+    save_resume_file,
+)
+
+
+def _final_params(tmp_path, steps=6, **kw):
+    return _trainer(tmp_path, steps=steps, **kw).train().meta_params
+
+
+def test_a_non_finite_step_on_a_checkpoint_step_still_saves_and_resumes(tmp_path):
+    import json
+
+    trainer = _trainer(tmp_path, steps=4, nan_at={1}, checkpoint_every=2)
+    trainer.train()  # step 2 (call 1) is non-finite and is a checkpoint step
+    card = json.loads((tmp_path / "checkpoints" / "step_000002.json").read_text())
+    assert card["final_metrics"]["meta_grad_norm"] is None
+    assert "final_metrics.meta_grad_norm" in card["non_finite"]
+    resumed = _trainer(tmp_path, steps=5, nan_at={1})
+    resumed.resume()
+    assert resumed.step == 4 and resumed.skipped_nonfinite == 1
+    resumed.train()
+
+
+def test_a_kill_at_any_write_point_of_a_save_loses_nothing(tmp_path, monkeypatch):
+    import os as os_module
+
+    from l2o.learned import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "toy", ToyLOpt)  # so that its checkpoints load
+
+    want = _final_params(tmp_path / "whole", checkpoint_every=2)
+    real_replace = os_module.replace
+    # Writes of the first saves: a save at step 0 (1 resume file) and at step 2 (step_000002 pair,
+    # last pair, a link rotation, the resume file): 6 renames. Kill at each of them in turn.
+    for kill_at in range(1, 8):
+        run_dir = tmp_path / f"kill{kill_at}"
+        calls = {"n": 0}
+
+        def killed(src, dst, *, _at=kill_at, _calls=calls):
+            _calls["n"] += 1
+            if _calls["n"] == _at:
+                raise KeyboardInterrupt(f"killed at rename {_at}")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os_module, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _trainer(run_dir, steps=6, checkpoint_every=2).train()
+        monkeypatch.setattr(os_module, "replace", real_replace)
+
+        resumed = _trainer(run_dir, steps=6, checkpoint_every=2)
+        if any(run_dir.glob("resume*.pt")):  # killed at the very first write: nothing to resume
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a fallback to resume.prev.pt is announced
+                resumed.resume()
+        got = resumed.train().meta_params
+        assert all(torch.equal(got[k], want[k]) for k in want), kill_at
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StaleCardWarning)
+            load_checkpoint(run_dir / "checkpoints" / "last")
+        assert not list(run_dir.rglob("*.tmp")), kill_at
+
+
+def test_one_flipped_bit_in_a_resume_file_is_caught_and_the_previous_save_used(tmp_path):
+    _trainer(tmp_path, steps=4, checkpoint_every=2).train()
+    path = tmp_path / resume_io.RESUME_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ResumeError, match=r"integrity|corrupted"):
+        load_resume_file(path)
+    trainer = _trainer(tmp_path, steps=4)
+    with pytest.warns(UserWarning, match=r"resuming from resume.prev.pt \(outer step 2\)"):
+        trainer.resume()
+    assert trainer.step == 2
+
+
+def test_a_rank_killed_while_saving_leaves_the_previous_complete_set(tmp_path, monkeypatch):
+    for step in (5,):
+        for rank in (0, 1):
+            resume_io.rotate_and_save({"step": step}, tmp_path, rank)
+    resume_io.rotate_and_save({"step": 10}, tmp_path, rank=1)  # rank 1 saved step 10 ...
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume_io.durable, "write_with", dies)  # ... rank 0 died saving it
+    with pytest.raises(KeyboardInterrupt):
+        resume_io.rotate_and_save({"step": 10}, tmp_path, rank=0)
+    steps = [sorted(resume_io.readable_steps(tmp_path, r)) for r in (0, 1)]
+    assert steps == [[5], [5, 10]]
+    assert resume_io.complete_step(steps) == 5
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("step", "abc", "step must be an integer"),
+        ("step", 10**6, "history has 2 rows for 1000000 outer steps"),
+        ("history", {"a": 1}, "history must be a list"),
+        ("wall_time", "now", "wall_time must be a number"),
+        ("generator_state", torch.zeros(3, dtype=torch.uint8), "generator_state is not"),
+        ("outer_state", {"mu": {}}, "outer_state holds"),
+        ("estimator_state", {"x": torch.zeros(1)}, "estimator_state holds"),
+    ],
+)
+def test_crafted_resume_fields_are_refused_with_a_clear_error(tmp_path, field, value, message):
+    _trainer(tmp_path, steps=2).train()
+    state = load_resume_file(tmp_path / resume_io.RESUME_FILE)
+    state[field] = value
+    save_resume_file(state, tmp_path / resume_io.RESUME_FILE)  # a valid hash over crafted data
+    with pytest.raises(ResumeError, match=message):
+        _trainer(tmp_path, steps=4).resume(tmp_path / resume_io.RESUME_FILE)
+
+
+class _SignalAt(NoisyQuadraticEstimator):
+    def __init__(self, call: int, signum: int):
+        super().__init__()
+        self.call, self.signum = call, signum
+
+    def estimate(self, meta_params, state, generator):
+        import os
+
+        if int(state["calls"]) == self.call:
+            os.kill(os.getpid(), self.signum)
+        return super().estimate(meta_params, state, generator)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_finish_the_step_save_and_resume_exactly(tmp_path, signame):
+    import signal
+
+    from l2o.meta.trainer import MetaTrainer
+
+    want = _final_params(tmp_path / "whole", steps=6)
+    trainer = MetaTrainer(
+        ToyLOpt(), _SignalAt(2, getattr(signal, signame)), _adam(),
+        outer_steps=6, seed=3, run_dir=tmp_path / "cut",
+    )  # fmt: skip
+    with pytest.raises(MetaTrainingInterrupted, match=f"{signame} after outer step 3"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = _trainer(tmp_path / "cut", steps=6)
+    resumed.resume()
+    assert resumed.step == 3
+    got = resumed.train().meta_params
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+from test_cli_meta_train import _cfg, _cli  # noqa: E402
+
+from l2o.cli.meta_train import run  # noqa: E402
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sigterm_saves_and_the_printed_resume_command_continues_the_run(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", "estimator=es", f"run_dir={run_dir}", "outer_steps=1000000"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    script = "from l2o.cli.meta_train import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = run_dir / "meta_train.log"
+    deadline = time.time() + 120
+    while not (log.is_file() and (run_dir / "resume.pt").is_file()) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # some outer steps
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    resume_line = stderr.strip().splitlines()[-1]
+    assert f"Resume with: l2o-meta-train run_dir={run_dir} resume=true" in resume_line
+    step = load_resume_file(run_dir / "resume.pt")["step"]
+    assert step > 0
+    # README's resume line: the run's own config (estimator=es) comes back from its resume file.
+    done = _cli(f"run_dir={run_dir}", "resume=true", f"outer_steps={step + 2}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = json.loads((run_dir / "checkpoints" / "last.json").read_text())
+    assert card["provenance"]["outer_step"] == step + 2
+    assert card["config"]["estimator"]["name"] == "es"
+
+
+def test_a_refused_command_changes_nothing_and_creates_nothing(tmp_path):
+    first = _cli("experiment=smoke", "run_dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _snapshot(tmp_path)
+    for args in (
+        ["experiment=smoke", "run_dir=run"],  # a finished run is never clobbered
+        ["experiment=smoke", "run_dir=other", "estimator=foo"],  # unknown group choice
+        ["experiment=smoke", "run_dir=other", "seed=-3"],
+    ):
+        proc = _cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("l2o-meta-train: error: "), proc.stderr
+    assert "estimator" in _cli("run_dir=x", "estimator=foo", cwd=tmp_path).stderr
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_removes_the_runs_own_files_only(tmp_path):
+    run(_cfg(tmp_path, "eval.seeds=0"))
+    run_dir = tmp_path / "run"
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "checkpoints" / "best.json").write_text("{}")
+    result = run(_cfg(tmp_path, "outer_steps=1", "eval.seeds=0", "overwrite=true"))
+    assert len(result["history"]) == 1
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert (run_dir / "checkpoints" / "best.json").is_file()
+    assert not (run_dir / "checkpoints" / "step_000002.json").exists()  # the old run's
+
+
+def test_the_last_checkpoint_carries_the_held_out_result_a_markdown_card_and_a_plot(tmp_path):
+    import json
+
+    result = run(_cfg(tmp_path))
+    last = tmp_path / "run" / "checkpoints" / "last"
+    card = json.loads(last.with_suffix(".json").read_text())
+    assert card["eval"]["before"] == pytest.approx(result["eval_before"])
+    assert card["eval"]["after"] == pytest.approx(result["eval_after"])
+    markdown = last.with_suffix(".md").read_text()
+    assert card["id"] in markdown and "Held-out result" in markdown
+    assert last.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_checkpoint(last)[2]["id"] == card["id"]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    run(_cfg(tmp_path, "wandb.mode=offline", "outer_steps=2", "eval.seeds=0"))
+    run(_cfg(tmp_path, "wandb.mode=offline", "outer_steps=3", "eval.seeds=0", "resume=true"))
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {p.name.split("-")[3] for p in runs}
+    assert len(ids) == 1, runs  # one W&B run id, continued
