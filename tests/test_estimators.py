@@ -265,15 +265,54 @@ def test_state_round_trips_through_torch_save_and_resumes_identically(name):
     torch.testing.assert_close(continued[-1].state, resumed[-1].state, rtol=0, atol=0)
 
 
-def test_nonfinite_inner_losses_are_reported_and_restart_the_episode():
+def test_nonfinite_inner_losses_are_reported_and_the_members_restart():
     lopt = MomentumLOpt(lr=1e30)
     est = TruncatedBPTT(lopt, Quadratic(), population=2, truncation=20, horizon=100)
     meta, g = _meta(lopt), _gen()
-    result = est.estimate(meta, est.init(meta, g), g)
-    assert result.metrics["nonfinite"] > 0
-    assert not all(torch.isfinite(v).all() for v in result.grads.values())
-    assert result.metrics["episode_done"] == 1.0
-    assert result.state["episode"] == 1 and result.state["carry"]["step"].tolist() == [0, 0]
+    first = est.init(meta, g)
+    result = est.estimate(meta, first, g)
+    assert result.metrics["nonfinite"] > 0 and result.metrics["member_resets"] == 2.0
+    assert result.metrics["episode_done"] == 0.0
+    assert result.state["episode"] == 0 and result.state["carry"]["step"].tolist() == [0, 0]
+    assert result.state["episode_step"] == 20
+    assert not set(result.state["carry"]["seeds"].tolist()) & set(first["carry"]["seeds"].tolist())
+
+
+class _DivergesForSeeds(Quadratic):
+    """A quadratic whose instances with a seed in ``bad`` are so steep that training diverges."""
+
+    def __init__(self):
+        super().__init__(dim=2, noise=0.0)
+        self.bad: set[int] = set()
+
+    def _problem(self, seed):
+        h, c = super()._problem(seed)
+        return (h * 1e300 if int(seed) in self.bad else h), c
+
+
+@pytest.mark.parametrize("name", ["tbptt", "es", "pes"])
+def test_one_diverging_member_restarts_alone_and_is_left_out_of_the_estimate(name):
+    lopt, task = MomentumLOpt(lr=0.1), _DivergesForSeeds()
+    est = get_estimator(name, lopt=lopt, task=task, population=4, truncation=2, horizon=10)
+    meta, g = _meta(lopt), _gen()
+    state = est.init(meta, g)
+    seeds = state["carry"]["seeds"].tolist()
+    task.bad = {seeds[1]}
+    result = est.estimate(meta, state, g)
+    assert result.metrics["nonfinite"] > 0 and result.metrics["member_resets"] == 1.0
+    assert result.metrics["episode_done"] == 0.0 and math.isfinite(result.metrics["meta_loss"])
+    carry = result.state["carry"]
+    rows = {1, 1 + est.population // 2} if name == "pes" else {1}
+    for row, (seed, step) in enumerate(zip(carry["seeds"].tolist(), carry["step"].tolist())):
+        assert (step == 0) == (row in rows) and (seed == seeds[row]) == (row not in rows)
+    if name != "tbptt":  # the diverged pair is dropped: the estimate stays usable
+        assert all(torch.isfinite(v).all() for v in result.grads.values())
+    if name == "pes":
+        assert all(float(a[1].abs().sum()) == 0 for a in result.state["accumulator"].values())
+        assert all(float(a[0].abs().sum()) > 0 for a in result.state["accumulator"].values())
+    following = est.estimate(meta, result.state, g)  # members now at different steps
+    assert following.metrics["nonfinite"] == 0.0
+    assert all(torch.isfinite(v).all() for v in following.grads.values())
 
 
 def test_the_same_generator_seed_gives_the_same_estimates():

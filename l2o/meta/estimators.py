@@ -5,9 +5,14 @@ trainings runs in lock-step through *episodes* of ``T`` inner steps (``horizon``
 drawn log-uniformly per episode), cut into *truncations* of ``K`` steps (``truncation``; the
 last one of an episode is shorter when K does not divide T). ``estimate`` advances one
 truncation and returns an estimate of the gradient of its meta-loss (``l2o.meta.losses``)
-w.r.t. the meta-parameters. When an episode ends (or an inner loss went non-finite) the
-population restarts: fresh instance seeds, hence fresh initial parameters and data, fresh
-rule state, and, for a :class:`~l2o.tasks.base.TaskFamily`, a freshly sampled task.
+w.r.t. the meta-parameters. When an episode ends the population restarts: fresh instance
+seeds, hence fresh initial parameters and data, fresh rule state, and, for a
+:class:`~l2o.tasks.base.TaskFamily`, a freshly sampled task. A member whose inner loss went
+non-finite restarts alone (as learned_optimization's truncated steps reset each member on its
+own): a fresh instance of the same task at step 0, while the others go on; its contribution is
+left out of the estimate where the estimator allows it (ES and PES drop the pair; TBPTT masks its
+meta-loss, though a NaN inside its backward pass can still reach the gradient, which the trainer
+then skips).
 
 Estimators (``get_estimator(name, **kwargs)``):
 
@@ -52,6 +57,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from l2o.learned.base import LOpt
 from l2o.meta.base import Estimate, EstimatorState, GradientEstimator
@@ -163,6 +169,18 @@ class TruncatedEstimator(GradientEstimator):
         """Per-episode state besides the carry (PES: its perturbation accumulators)."""
         return {}
 
+    def _bad_instances(self, member_bad: Tensor) -> Tensor:
+        """``[num_instances]``: instances with a non-finite member in the unroll."""
+        return member_bad
+
+    def _carry_rows(self, instances: Tensor) -> Tensor:
+        """Rows of the carry that hold ``instances``, in ``init_carry``'s order for them."""
+        return instances
+
+    def _reset_extras(self, state: EstimatorState, instances: Tensor) -> EstimatorState:
+        """Per-instance extras of restarted instances (PES: zero their accumulators)."""
+        return {}
+
     @abstractmethod
     def _truncation(
         self,
@@ -211,10 +229,30 @@ class TruncatedEstimator(GradientEstimator):
             "carry": carry,
             "episode": episode,
             "truncation": 0,
+            "episode_step": 0,
             "horizon": horizon,
             "task_seed": task_seed,
             **self._episode_extras(meta_params),
         }
+
+    def _restart_instances(
+        self,
+        meta_params: Params,
+        state: EstimatorState,
+        instances: Tensor,
+        task: Task,
+        generator: torch.Generator,
+    ) -> EstimatorState:
+        """``state`` with ``instances`` on fresh seeds at step 0 of the same task."""
+        seeds = _draw_seeds(generator, len(instances))
+        with torch.no_grad():
+            rule = self.lopt.rule({k: v.detach() for k, v in meta_params.items()})
+            fresh = init_carry(rule, task, self._carried_seeds(seeds), device=self.device)
+        rows = self._carry_rows(instances.to(self.device))
+        carry = tree_map(
+            lambda old, new: old.index_copy(0, rows, new.to(old.dtype)), state["carry"], fresh
+        )
+        return {**state, "carry": carry, **self._reset_extras(state, instances)}
 
     # -- the GradientEstimator interface -------------------------------------------------------
 
@@ -234,7 +272,7 @@ class TruncatedEstimator(GradientEstimator):
         ``episode_progress`` (fraction of the episode done) and ``episode_done``.
         """
         task = self.task_for(state["task_seed"])
-        done = int(state["carry"]["step"][0])
+        done = int(state["episode_step"])
         horizon = int(state["horizon"])
         num_steps = min(self.truncation, horizon - done)
         if num_steps < 1:
@@ -246,11 +284,18 @@ class TruncatedEstimator(GradientEstimator):
             meta_params, state, task, num_steps, generator
         )
         nonfinite = count_nonfinite(result)
-        episode_done = done + num_steps >= horizon or nonfinite > 0
+        losses = torch.cat([result.losses, result.terms.train[-1:]]).detach()
+        bad = self._bad_instances(~torch.isfinite(losses).all(dim=0))
+        episode_done = done + num_steps >= horizon
+        finite_losses = meta_losses[torch.isfinite(meta_losses)]
+        final = result.terms.train[-1].detach()
         metrics = {
-            "meta_loss": float(meta_losses.mean()),
-            "inner_loss": float(result.terms.train[-1].detach().mean()),
+            "meta_loss": float(finite_losses.mean()) if len(finite_losses) else math.nan,
+            "inner_loss": float(final[torch.isfinite(final)].mean())
+            if nonfinite
+            else float(final.mean()),
             "nonfinite": float(nonfinite),
+            "member_resets": float(bad.sum()) if not episode_done else 0.0,
             "inner_steps": float(result.losses.numel()),
             "truncation": float(state["truncation"]),
             "episode": float(state["episode"]),
@@ -261,7 +306,17 @@ class TruncatedEstimator(GradientEstimator):
         if episode_done:
             new_state = self._start_episode(meta_params, int(state["episode"]) + 1, generator)
         else:
-            new_state = {**state, **changed, "truncation": int(state["truncation"]) + 1}
+            new_state = {
+                **state,
+                **changed,
+                "truncation": int(state["truncation"]) + 1,
+                "episode_step": done + num_steps,
+            }
+            if bool(bad.any()):
+                instances = torch.nonzero(bad).reshape(-1).cpu()
+                new_state = self._restart_instances(
+                    meta_params, new_state, instances, task, generator
+                )
         grads = {k: g.to(meta_params[k]) for k, g in grads.items()}
         return Estimate(grads, new_state, metrics)
 
@@ -292,7 +347,10 @@ class TruncatedBPTT(TruncatedEstimator):
                 checkpoint=self.checkpoint,
             )
             meta_losses = self.meta_loss(result.terms)
-            objective = meta_losses.mean()
+            # A diverged member is masked out (it restarts); the others' mean is the objective.
+            finite = torch.isfinite(meta_losses.detach())
+            kept = torch.where(finite, meta_losses, torch.zeros_like(meta_losses))
+            objective = kept.sum() / finite.sum().clamp(min=1)
             if objective.requires_grad:
                 found = torch.autograd.grad(objective, list(meta.values()), allow_unused=True)
             else:  # the meta-loss does not depend on the meta-parameters at all
@@ -323,6 +381,9 @@ class ES(TruncatedEstimator):
     def pairs(self) -> int:
         return self.population // 2
 
+    def _bad_instances(self, member_bad: Tensor) -> Tensor:
+        return member_bad[: self.pairs] | member_bad[self.pairs :]
+
     def _perturbations(self, meta_params: Params, generator: torch.Generator) -> Params:
         return {
             k: torch.randn(
@@ -352,7 +413,10 @@ class ES(TruncatedEstimator):
     def _antithetic_grads(self, meta_losses: Tensor, directions: Params) -> Params:
         """``sum_i (L_i^+ - L_i^-) d_i / (2 sigma N)`` for directions ``d`` ([N, ...] each)."""
         diff = meta_losses[: self.pairs] - meta_losses[self.pairs :]
-        scale = 2.0 * self.sigma * self.pairs
+        # A pair with a diverged member is left out (it restarts), the rest averaged.
+        finite = torch.isfinite(diff)
+        diff = torch.where(finite, diff, torch.zeros_like(diff))
+        scale = 2.0 * self.sigma * max(int(finite.sum()), 1)
         return {
             k: torch.tensordot(diff.to(d.dtype), d, dims=1) / scale for k, d in directions.items()
         }
@@ -381,6 +445,14 @@ class PES(ES):
 
     def _carried_seeds(self, seeds: Tensor) -> Tensor:
         return torch.cat([seeds, seeds])
+
+    def _carry_rows(self, instances: Tensor) -> Tensor:
+        return torch.cat([instances, instances + self.pairs])
+
+    def _reset_extras(self, state: EstimatorState, instances: Tensor) -> EstimatorState:
+        rows = instances.to(self.device)
+        accumulator = {k: a.index_fill(0, rows, 0.0) for k, a in state["accumulator"].items()}
+        return {"accumulator": accumulator}
 
     def _episode_extras(self, meta_params: Params) -> EstimatorState:
         zeros = {
