@@ -438,3 +438,16 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     assert len(runs) == 2
     ids = {p.name.split("-")[3] for p in runs}
     assert len(ids) == 1, runs  # one W&B run id, continued
+
+
+def test_held_out_evaluation_shows_its_progress(capsys):
+    from l2o.learned import get_lopt
+    from l2o.meta.trainer import evaluate
+    from l2o.tasks.families import get_family
+
+    lopt = get_lopt("mlp", hidden_sizes=[4])
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    family = get_family("quadratic", dim=(2, 3), cond=(1.0, 2.0))
+    evaluate(lopt, meta, family, seeds=[1, 2, 3], horizon=2, progress="held-out")
+    err = capsys.readouterr().err
+    assert "held-out" in err and "3/3" in err

@@ -55,6 +55,7 @@ CONFIG_FILE = "config.yaml"
 _RUN_CHECKPOINT = re.compile(r"^(step_\d{6}|last)\.(safetensors|json|md|png)$")
 
 log = logging.getLogger("l2o.meta_train")
+log.propagate = False  # to <run_dir>/meta_train.log only; the console has the progress bar
 
 
 def _warm_start(cfg: DictConfig, lopt) -> tuple[dict | None, str | None]:
