@@ -218,7 +218,14 @@ def test_a_kill_at_any_write_point_of_a_save_loses_nothing(tmp_path, monkeypatch
 
     from l2o.learned import registry
 
-    monkeypatch.setitem(registry._REGISTRY, "toy", ToyLOpt)  # so that its checkpoints load
+    registry.register_lopt("toy", ToyLOpt)  # so that its checkpoints load
+    try:
+        _kill_at_every_write_point(tmp_path, monkeypatch, os_module)
+    finally:
+        registry._REGISTRY.unregister("toy")
+
+
+def _kill_at_every_write_point(tmp_path, monkeypatch, os_module):
 
     want = _final_params(tmp_path / "whole", checkpoint_every=2)
     real_replace = os_module.replace

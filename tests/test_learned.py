@@ -421,7 +421,7 @@ def test_register_lopt_adds_a_name_and_guards_clashes():
         with pytest.raises(ValueError, match="name attribute"):
             register_lopt("other-name", Tiny)
     finally:
-        _REGISTRY.pop("tiny-test-lopt", None)
+        _REGISTRY.unregister("tiny-test-lopt")
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])

@@ -68,7 +68,7 @@ def test_unknown_hyperparameter_for_a_name_raises():
 
 
 def test_register_adds_a_name_and_refuses_duplicates_and_unknown_defaults(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
     O.register("heavy_ball", rules.SGD, O.SGD, momentum=0.99)
     assert "heavy_ball" in O.names()
     assert O.get("heavy_ball").momentum == 0.99

@@ -250,7 +250,10 @@ def test_get_family_builds_from_config_and_rejects_unknown_names():
     for make in FAMILIES.values():
         family = make()
         assert get_family(**family.config()) == family
-    with pytest.raises(ValueError, match=r"unknown task family 'mlpp'.*'mlp'.*Known families"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown task family 'mlpp' \(did you mean 'mlp'\?\); known task families",
+    ):
         get_family("mlpp")
     with pytest.raises(ValueError, match="no field 'widht'"):
         get_family("mlp", widht=(1, 2))
@@ -305,7 +308,7 @@ def test_suite_seeds_are_disjoint_from_meta_training_seeds():
 
 
 def test_suites_reject_unknown_names_and_unusable_families():
-    with pytest.raises(ValueError, match=r"unknown suite 'width_x5'.*Known suites: .*width_x4"):
+    with pytest.raises(ValueError, match=r"unknown suite 'width_x5'.*; known suites: .*width_x4"):
         get_suite("width_x5")
     with pytest.raises(ValueError, match=r"'width'.*QuadraticFamily"):
         get_suite("width_x4", QuadraticFamily())

@@ -190,7 +190,7 @@ def test_meta_loss_registry_names_and_errors():
     assert get_meta_loss("eval").eval_mode == "each"
     assert get_meta_loss("eval_final").eval_mode == "final"
     assert get_meta_loss("train_mean").eval_mode == "none"
-    with pytest.raises(ValueError, match=r"unknown meta_loss 'nope'.*train_mean"):
+    with pytest.raises(ValueError, match=r"unknown meta-loss 'nope'.*train_mean"):
         get_meta_loss("nope")
     with pytest.raises(ValueError, match="held-out"):
         get_meta_loss("eval")(_terms()._replace(eval=None))

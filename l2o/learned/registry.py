@@ -12,11 +12,12 @@ from typing import TypeVar
 from l2o.learned.base import LOpt
 from l2o.learned.lstm_lopt import LSTMLOpt
 from l2o.learned.mlp_lopt import MLPLOpt
+from l2o.registry import Registry
 
 LOptFactory = Callable[..., LOpt]
 F = TypeVar("F", bound=LOptFactory)
 
-_REGISTRY: dict[str, LOptFactory] = {}
+_REGISTRY: Registry[LOptFactory] = Registry("learned optimizer")
 
 
 def register_lopt(name: str, factory: F | None = None, *, overwrite: bool = False):
@@ -28,37 +29,24 @@ def register_lopt(name: str, factory: F | None = None, *, overwrite: bool = Fals
     """
 
     def add(factory: F) -> F:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"learned-optimizer name must be a non-empty string, got {name!r}")
         declared = getattr(factory, "name", name)
         if declared != name:
             raise ValueError(
                 f"cannot register {factory!r} as {name!r}: its name attribute is {declared!r}; "
                 "checkpoints are reloaded by that name, so the two must agree"
             )
-        if name in _REGISTRY and _REGISTRY[name] is not factory and not overwrite:
-            raise ValueError(
-                f"learned optimizer {name!r} is already registered ({_REGISTRY[name]!r}); "
-                "pick another name or pass overwrite=True"
-            )
-        _REGISTRY[name] = factory
-        return factory
+        return _REGISTRY.register(name, factory, overwrite=overwrite)
 
     return add if factory is None else add(factory)
 
 
 def lopt_names() -> tuple[str, ...]:
     """Registered learned-optimizer names, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return _REGISTRY.names()
 
 
 def get_lopt(name: str, **kwargs) -> LOpt:
     """The learned optimizer registered as ``name``, built with ``kwargs``."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown learned optimizer {name!r}; known: {', '.join(lopt_names())} "
-            "(register new ones with l2o.learned.register_lopt)"
-        )
     return _REGISTRY[name](**kwargs)
 
 

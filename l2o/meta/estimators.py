@@ -64,6 +64,7 @@ from l2o.meta.base import Estimate, EstimatorState, GradientEstimator
 from l2o.meta.losses import get_meta_loss
 from l2o.meta.unroll import Unroll, count_nonfinite, detach_carry, init_carry, unroll
 from l2o.optim.base import Params, check_hyperparameter, map_tensors
+from l2o.registry import Registry
 from l2o.tasks.base import Task, TaskFamily
 
 HORIZON_SCHEDULES = ("constant", "log_uniform")
@@ -142,7 +143,10 @@ class TruncatedEstimator(GradientEstimator):
             raise ValueError(
                 f"min_horizon ({self.min_horizon}) must be <= horizon (T={self.horizon})"
             )
-        self.meta_loss = get_meta_loss(meta_loss)
+        try:
+            self.meta_loss = get_meta_loss(meta_loss)
+        except ValueError as err:
+            raise ValueError(f"meta_loss: {err}") from None
         self.lopt = lopt
         self.device = torch.device(device)
         if isinstance(task, TaskFamily):
@@ -472,19 +476,11 @@ class PES(ES):
         return grads, {"carry": result.carry, "accumulator": xi}, result, meta_losses
 
 
-ESTIMATORS: dict[str, type[TruncatedEstimator]] = {
-    "tbptt": TruncatedBPTT,
-    "es": ES,
-    "pes": PES,
-}
+ESTIMATORS: Registry[type[TruncatedEstimator]] = Registry("estimator")
+for _cls in (TruncatedBPTT, ES, PES):
+    ESTIMATORS.register(_cls.name, _cls)
 
 
 def get_estimator(name: str, **kwargs: Any) -> TruncatedEstimator:
     """Build the estimator registered as ``name`` ("tbptt", "es", "pes") from ``kwargs``."""
-    try:
-        cls = ESTIMATORS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}"
-        ) from None
-    return cls(**kwargs)
+    return ESTIMATORS[name](**kwargs)

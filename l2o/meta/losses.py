@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from l2o.registry import Registry
+
 
 class MetaLossTerms(NamedTuple):
     """The per-step losses of one truncation that meta-losses are built from."""
@@ -107,21 +109,18 @@ def clipped(terms: MetaLossTerms) -> Tensor:
     return (torch.minimum(terms.train, initial) / initial).mean(0)
 
 
-META_LOSSES: dict[str, MetaLoss] = {
-    "train_mean": MetaLoss("train_mean", train_mean),
-    "eval": MetaLoss("eval", eval_mean, eval_mode="each"),
-    "eval_final": MetaLoss("eval_final", eval_final, eval_mode="final"),
-    "log": MetaLoss("log", log_mean),
-    "normalized": MetaLoss("normalized", normalized),
-    "clipped": MetaLoss("clipped", clipped),
-}
+META_LOSSES: Registry[MetaLoss] = Registry("meta-loss", "meta-losses")
+for _loss in (
+    MetaLoss("train_mean", train_mean),
+    MetaLoss("eval", eval_mean, eval_mode="each"),
+    MetaLoss("eval_final", eval_final, eval_mode="final"),
+    MetaLoss("log", log_mean),
+    MetaLoss("normalized", normalized),
+    MetaLoss("clipped", clipped),
+):
+    META_LOSSES.register(_loss.name, _loss)
 
 
 def get_meta_loss(name: str) -> MetaLoss:
     """The meta-loss registered as ``name`` (see the module docstring for the choices)."""
-    try:
-        return META_LOSSES[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown meta_loss {name!r}; choose one of {sorted(META_LOSSES)}"
-        ) from None
+    return META_LOSSES[name]

@@ -7,7 +7,6 @@ rule's own (``momentum`` is SGD with ``momentum=0.9``).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from l2o.optim import optimizers, rules
 from l2o.optim.base import UpdateRule
+from l2o.registry import Registry
 
 __all__ = ["get", "get_class", "names", "register"]
 
@@ -26,7 +26,7 @@ class _Entry:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, _Entry] = {}
+_REGISTRY: Registry[_Entry] = Registry("optimizer")
 
 
 def register(
@@ -40,19 +40,17 @@ def register(
     ``defaults`` override the rule's field defaults under this name; the class that
     :func:`get_class` returns then uses them as well.
     """
-    if name in _REGISTRY:
-        raise ValueError(f"optimizer name {name!r} is already registered")
     unknown = set(defaults) - set(rule_cls.hyperparameter_names())
     if unknown:
         raise ValueError(f"{rule_cls.__name__} has no hyper-parameter(s) {sorted(unknown)}")
     if defaults:
         optimizer_cls = _with_defaults(optimizer_cls, name, defaults)
-    _REGISTRY[name] = _Entry(rule_cls, optimizer_cls, dict(defaults))
+    _REGISTRY.register(name, _Entry(rule_cls, optimizer_cls, dict(defaults)))
 
 
 def names() -> list[str]:
     """The registered names, sorted."""
-    return sorted(_REGISTRY)
+    return list(_REGISTRY.names())
 
 
 def get(name: str, **hparams: Any) -> UpdateRule:
@@ -67,14 +65,7 @@ def get_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 def _entry(name: str) -> _Entry:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown optimizer {name!r}{hint}; known optimizers: {', '.join(names())}"
-        ) from None
+    return _REGISTRY[name]
 
 
 def _with_defaults(

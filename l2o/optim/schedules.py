@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from l2o.optim.base import Step, check_hyperparameter
+from l2o.registry import Registry
 
 __all__ = [
     "Constant",
@@ -438,28 +439,28 @@ class Join(Schedule):
         return lr
 
 
-_SCHEDULES: dict[str, type[Schedule]] = {
-    cls.name: cls
-    for cls in (
-        Constant,
-        StepDecay,
-        MultiStep,
-        Exponential,
-        Polynomial,
-        InverseSqrt,
-        LinearWarmup,
-        Cosine,
-        CosineWarmRestarts,
-        Cyclic,
-        Join,
-    )
-}
-_ALIASES = {"sgdr": "cosine_warm_restarts", "step": "step_decay"}
+_SCHEDULES: Registry[type[Schedule]] = Registry("schedule")
+for _cls in (
+    Constant,
+    StepDecay,
+    MultiStep,
+    Exponential,
+    Polynomial,
+    InverseSqrt,
+    LinearWarmup,
+    Cosine,
+    CosineWarmRestarts,
+    Cyclic,
+    Join,
+):
+    _SCHEDULES.register(_cls.name, _cls)
+_SCHEDULES.alias("sgdr", "cosine_warm_restarts")
+_SCHEDULES.alias("step", "step_decay")
 
 
 def schedule_names() -> tuple[str, ...]:
     """The names :func:`get_schedule` knows, aliases included, sorted."""
-    return tuple(sorted((*_SCHEDULES, *_ALIASES)))
+    return _SCHEDULES.names(aliases=True)
 
 
 def get_schedule(name: str, **kwargs: Any) -> Schedule:
@@ -469,12 +470,7 @@ def get_schedule(name: str, **kwargs: Any) -> Schedule:
     ``polynomial``, ``inverse_sqrt``, ``linear_warmup``, ``cosine``, ``cosine_warm_restarts``
     (alias ``sgdr``), ``cyclic``, ``join``.
     """
-    key = _ALIASES.get(name, name)
-    if key not in _SCHEDULES:
-        raise ValueError(
-            f"unknown schedule {name!r}; known schedules: {', '.join(schedule_names())}"
-        )
-    cls = _SCHEDULES[key]
+    cls = _SCHEDULES[name]
     try:
         return cls(**kwargs)
     except TypeError as err:

@@ -24,7 +24,6 @@ shifted family (validated again), which is how suites build out-of-distribution 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from l2o.registry import Registry, did_you_mean
 from l2o.tasks.augment import LossScaleTask, ReparamTask
 from l2o.tasks.base import Task, TaskFamily
 from l2o.tasks.data import DATASET_NAMES, seeded_generator
@@ -345,31 +345,26 @@ class MixtureFamily(TaskFamily):
 # ---------------------------------------------------------------------------------------------
 # registry
 
-_FAMILIES: dict[str, type[TaskFamily]] = {
-    cls.name: cls for cls in (MLPFamily, ConvNetFamily, QuadraticFamily, MixtureFamily)
-}
+_FAMILIES: Registry[type[TaskFamily]] = Registry("task family", "task families")
+for _cls in (MLPFamily, ConvNetFamily, QuadraticFamily, MixtureFamily):
+    _FAMILIES.register(_cls.name, _cls)
 
 
 def family_names() -> tuple[str, ...]:
     """Registered family names, sorted."""
-    return tuple(sorted(_FAMILIES))
+    return _FAMILIES.names()
 
 
 def get_family(name: str, **kwargs: Any) -> TaskFamily:
     """A new family ``name`` with fields ``kwargs`` (``get_family(**family.config())`` rebuilds
     a parametric family). Unknown names and fields raise ``ValueError`` listing what exists."""
-    if name not in _FAMILIES:
-        close = difflib.get_close_matches(name, list(_FAMILIES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"unknown task family {name!r}.{hint} Known families: {', '.join(family_names())}"
-        )
     cls = _FAMILIES[name]
     fields = [f.name for f in dataclasses.fields(cls)]
     for key in kwargs:
         if key not in fields:
             raise ValueError(
-                f"task family {name!r} has no field {key!r}. Fields: {', '.join(fields)}"
+                f"task family {name!r} has no field {key!r}{did_you_mean(key, fields)}; "
+                f"fields: {', '.join(fields)}"
             )
     if cls is MixtureFamily and "families" in kwargs:
         kwargs = {

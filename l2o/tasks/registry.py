@@ -6,10 +6,10 @@ Built-in names are registered here; other modules add theirs with :func:`registe
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
+from l2o.registry import Registry, did_you_mean
 from l2o.tasks.base import Task
 from l2o.tasks.supervised import (
     AutoencoderTask,
@@ -19,12 +19,7 @@ from l2o.tasks.supervised import (
 )
 from l2o.tasks.synthetic import QuadraticTask, RosenbrockTask
 
-_TASKS: dict[str, type[Task]] = {}
-
-
-def _did_you_mean(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+_TASKS: Registry[type[Task]] = Registry("task")
 
 
 def register_task(name: str, cls: type[Task]) -> None:
@@ -35,14 +30,12 @@ def register_task(name: str, cls: type[Task]) -> None:
     """
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TypeError(f"register_task({name!r}, ...) needs a Task subclass, got {cls!r}")
-    if _TASKS.get(name, cls) is not cls:
-        raise ValueError(f"task name {name!r} is already registered to {_TASKS[name].__name__}")
-    _TASKS[name] = cls
+    _TASKS.register(name, cls)
 
 
 def task_names() -> tuple[str, ...]:
     """Registered task names, sorted."""
-    return tuple(sorted(_TASKS))
+    return _TASKS.names()
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
@@ -50,11 +43,6 @@ def get_task(name: str, **kwargs: Any) -> Task:
 
     Unknown names and unknown arguments raise ``ValueError`` listing what is accepted.
     """
-    if name not in _TASKS:
-        known = list(task_names())
-        raise ValueError(
-            f"unknown task {name!r}.{_did_you_mean(name, known)} Known tasks: {', '.join(known)}"
-        )
     cls = _TASKS[name]
     params = inspect.signature(cls).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -62,8 +50,8 @@ def get_task(name: str, **kwargs: Any) -> Task:
         for key in kwargs:
             if key not in params:
                 raise ValueError(
-                    f"task {name!r} has no argument {key!r}.{_did_you_mean(key, accepted)} "
-                    f"Accepted: {', '.join(accepted)}"
+                    f"task {name!r} has no argument {key!r}{did_you_mean(key, accepted)}; "
+                    f"accepted: {', '.join(accepted)}"
                 )
     return cls(**kwargs)
 

@@ -33,10 +33,10 @@ The horizon of an entry is the task's ``horizon`` hint when the family gives one
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from l2o.registry import Registry
 from l2o.tasks.augment import LossScaleTask
 from l2o.tasks.base import Task, TaskFamily
 from l2o.tasks.data import DATASET_NAMES
@@ -224,7 +224,8 @@ def _loss_scale_change(spec: _Spec) -> list[SuiteEntry]:
     return entries
 
 
-_SUITES: dict[str, Callable[[_Spec], list[SuiteEntry]]] = {
+_SUITES: Registry[Callable[[_Spec], list[SuiteEntry]]] = Registry("suite")
+for _name, _build in {
     "in_distribution": _in_distribution,
     "horizon_x10": _horizon_x10,
     "horizon_x100": _horizon_x100,
@@ -234,12 +235,13 @@ _SUITES: dict[str, Callable[[_Spec], list[SuiteEntry]]] = {
     "architecture_change": _architecture_change,
     "dataset_change": _dataset_change,
     "loss_scale_change": _loss_scale_change,
-}
+}.items():
+    _SUITES.register(_name, _build)
 
 
 def suite_names() -> tuple[str, ...]:
     """Known suite names, sorted."""
-    return tuple(sorted(_SUITES))
+    return _SUITES.names()
 
 
 def get_suite(
@@ -261,10 +263,7 @@ def get_suite(
         horizon: inner steps in meta-training, used when a task carries no ``horizon`` hint.
         loss_scales: the fixed loss multipliers of ``loss_scale_change``.
     """
-    if name not in _SUITES:
-        close = difflib.get_close_matches(name, list(_SUITES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown suite {name!r}.{hint} Known suites: {', '.join(suite_names())}")
+    build_entries = _SUITES[name]
     if family is None:
         family = default_family()
     elif isinstance(family, Mapping):
@@ -284,7 +283,7 @@ def get_suite(
         horizon=horizon,
         loss_scales=scales,
     )
-    return Suite(name, tuple(_SUITES[name](spec)))
+    return Suite(name, tuple(build_entries(spec)))
 
 
 __all__ = [
