@@ -94,7 +94,8 @@ def test_fresh_run_refuses_to_clobber_an_existing_run_unless_told(tmp_path):
         (["threads=0"], r"^threads: must be positive"),
         (["lopt._target_=l2o.learned.NoSuchLOpt"], r"^lopt\._target_: unknown lopt: lopt\._t"),
         (["task._target_=l2o.optim.rules.Adam"], r"^task\._target_: .*rules\.Adam is not a Task"),
-        (["outer_optim.name=adamm"], r"^outer_optim\.name: unknown outer optimizer"),
+        (["outer_optim._target_=l2o.optim.rules.Adamm"], r"^outer_optim\._target_: unknown"),
+        (["outer_optim._target_=l2o.learned.MLPLOpt"], r"is not a UpdateRule"),
         (["lopt.hidden_sizes=[0]"], r"^lopt: hidden_sizes must be positive"),
         (["task.dim=[0,4]"], r"^task: "),
     ],
@@ -232,11 +233,30 @@ def test_shipped_default_checkpoint_was_trained_by_the_experiment_config_that_cl
     """configs/experiment/mnist1d_mlp.yaml must stay the recipe of checkpoints/default."""
     from omegaconf import OmegaConf
 
-    from l2o.cli.meta_train import RESUME_KEYS
+    from l2o.cli.meta_train import build
     from l2o.learned.checkpoint import resolve_checkpoint
 
-    recipe = OmegaConf.to_container(compose_config("experiment=mnist1d_mlp"), resolve=True)
+    recipe = compose_config("experiment=mnist1d_mlp")
     _, _, card = load_checkpoint(resolve_checkpoint("default"))
-    for key in (*RESUME_KEYS, "outer_steps"):
-        assert card["config"].get(key) == recipe.get(key), key
-    assert card["provenance"]["outer_step"] == recipe["outer_steps"]
+    # The card records the config as it was; what it builds must be what the recipe builds.
+    shipped = OmegaConf.create(card["config"])
+    shipped.outer_optim = _as_direct_rule_config(card["config"]["outer_optim"])
+    built = [build(c, "cpu") for c in (shipped, recipe)]
+    assert built[0]["outer_rule"] == built[1]["outer_rule"]
+    assert built[0]["lopt"].config() == built[1]["lopt"].config()
+    assert repr(built[0]["task"]) == repr(built[1]["task"])
+    for key in ("seed", "estimator", "meta_grad_clip", "init_from", "outer_steps"):
+        assert card["config"].get(key) == OmegaConf.to_container(recipe, resolve=True)[key], key
+    assert card["provenance"]["outer_step"] == recipe.outer_steps
+
+
+def _as_direct_rule_config(old: dict) -> dict:
+    """Configs before the optim group instantiated rules directly went through the registry
+    (``_target_: l2o.optim.registry.get``, ``name: adam``)."""
+    if old.get("_target_") != "l2o.optim.registry.get":
+        return old
+    from l2o.optim import registry
+
+    rule_cls = registry._REGISTRY[old["name"]].rule_cls
+    fields = {k: v for k, v in old.items() if k not in ("_target_", "name")}
+    return {"_target_": f"{rule_cls.__module__}.{rule_cls.__qualname__}", **fields}

@@ -108,7 +108,7 @@ def test_optim_config_composes_and_instantiates_the_named_rule_with_its_defaults
         cfg = compose(overrides=[f"+optim={name}", "optim.lr=0.5"])
     rule = instantiate(cfg.optim)
     assert rule == O.get(name, lr=0.5)
-    listed = set(cfg.optim) - {"_target_", "name"}
+    listed = set(cfg.optim) - {"_target_", "_convert_"}
     assert listed == set(type(rule).hyperparameter_names()), (
         "the config lists every hyper-parameter"
     )

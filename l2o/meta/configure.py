@@ -159,7 +159,7 @@ def validate_config(cfg: DictConfig) -> None:
     from l2o.learned.base import LOpt
     from l2o.meta.estimators import ESTIMATORS, HORIZON_SCHEDULES
     from l2o.meta.losses import META_LOSSES
-    from l2o.optim import registry as optim_registry
+    from l2o.optim.base import UpdateRule
     from l2o.tasks.base import Task, TaskFamily
     from l2o.tracking import MODES
 
@@ -187,9 +187,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     _target(cfg, "lopt", (LOpt,))
     _target(cfg, "task", (Task, TaskFamily))
-    _target(cfg, "outer_optim", ())
-    if OmegaConf.select(cfg, "outer_optim.name") is not None:
-        _one_of(cfg, "outer_optim.name", optim_registry.names(), "outer optimizer")
+    _target(cfg, "outer_optim", (UpdateRule,))
 
     name = _one_of(cfg, "estimator.name", list(ESTIMATORS), "estimator")
     population = _int(cfg, "estimator.population", low=1, high=MAX_POPULATION)
