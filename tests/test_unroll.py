@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 from _meta_fixtures import MomentumLOpt, MomentumRule, Quadratic
+from torch.utils._pytree import tree_map_only
 
 from l2o.meta.losses import META_LOSSES, MetaLossTerms, get_meta_loss
 from l2o.meta.unroll import count_nonfinite, init_carry, unroll
-from l2o.optim.base import apply_updates, map_tensors
+from l2o.optim.base import apply_updates
 
 
 def _rule(lr=0.1, beta=0.6, decay=0.5):
@@ -20,7 +21,7 @@ def _rule(lr=0.1, beta=0.6, decay=0.5):
 
 
 def _member(tree, i):
-    return map_tensors(lambda t: t[i], tree)
+    return tree_map_only(torch.Tensor, lambda t: t[i], tree)
 
 
 def _loop_reference(rule, task, carry, num_steps):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from l2o.optim.base import Params
 
@@ -80,16 +82,13 @@ def all_reduce_mean(tree: Params, world: World) -> Params:
     """Mean over ranks of a dict of tensors (one flat all-reduce); identity on one process."""
     if not world.distributed:
         return tree
-    keys = list(tree)
-    flat = torch.cat([tree[k].detach().reshape(-1) for k in keys])
+    leaves, spec = tree_flatten(tree)
+    flat = parameters_to_vector([t.detach() for t in leaves])  # one collective, not one a tensor
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world.size
-    out, offset = {}, 0
-    for k in keys:
-        n = tree[k].numel()
-        out[k] = flat[offset : offset + n].view_as(tree[k]).clone()
-        offset += n
-    return out
+    out = [torch.empty_like(t) for t in leaves]
+    vector_to_parameters(flat, out)
+    return tree_unflatten(out, spec)
 
 
 def mean_metrics(

@@ -57,13 +57,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_map, tree_map_only
 
 from l2o.learned.base import LOpt
 from l2o.meta.base import Estimate, EstimatorState, GradientEstimator
 from l2o.meta.losses import get_meta_loss
 from l2o.meta.unroll import Unroll, count_nonfinite, detach_carry, init_carry, unroll
-from l2o.optim.base import Params, check_hyperparameter, map_tensors
+from l2o.optim.base import Params, check_hyperparameter
 from l2o.registry import Registry
 from l2o.tasks.base import Task, TaskFamily
 
@@ -428,12 +428,12 @@ class ES(TruncatedEstimator):
     def _truncation(self, meta_params, state, task, num_steps, generator):
         with torch.no_grad():
             eps = self._perturbations(meta_params, generator)
-            both = map_tensors(lambda t: torch.cat([t, t]), state["carry"])
+            both = tree_map_only(Tensor, lambda t: torch.cat([t, t]), state["carry"])
             result, meta_losses = self._antithetic_unroll(meta_params, eps, task, both, num_steps)
             grads = self._antithetic_grads(meta_losses, eps)
         # Each pair goes on from its positive member's state: a trajectory under theta + sigma
         # eps, eps symmetric, so on average it is the unperturbed trajectory.
-        carry = map_tensors(lambda t: t[: self.pairs], result.carry)
+        carry = tree_map_only(Tensor, lambda t: t[: self.pairs], result.carry)
         return grads, {"carry": carry}, result, meta_losses
 
 

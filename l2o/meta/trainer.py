@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from l2o.learned.base import LOpt
 from l2o.learned.checkpoint import default_provenance, save_checkpoint
@@ -69,7 +70,6 @@ from l2o.optim.base import (
     apply_updates,
     global_norm,
     lr_at,
-    map_tensors,
 )
 from l2o.tasks.base import Task, TaskFamily
 
@@ -438,7 +438,9 @@ class MetaTrainer:
                 f"{source}: generator_state is not a generator state ({err})"
             ) from err
         self.meta_params = {k: v.to(self.device) for k, v in state["meta_params"].items()}
-        self.outer_state = map_tensors(lambda t: t.to(self.device), state["outer_state"])
+        self.outer_state = tree_map_only(
+            torch.Tensor, lambda t: t.to(self.device), state["outer_state"]
+        )
         self.estimator_state = state["estimator_state"]
         self.generator.set_state(state["generator_state"])
         self.step = int(state["step"])

@@ -35,10 +35,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
+from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from l2o.meta.losses import EVAL_MODES, MetaLossTerms
-from l2o.optim.base import Params, UpdateRule, apply_updates, map_tensors
+from l2o.optim.base import Params, UpdateRule, apply_updates
 from l2o.tasks.base import Batch, Task
 
 Carry = dict[str, Any]
@@ -56,7 +57,7 @@ class Unroll(NamedTuple):
 
 def detach_carry(carry: Carry) -> Carry:
     """The carry cut from the autograd graph (between truncations)."""
-    return map_tensors(Tensor.detach, carry)
+    return tree_map_only(Tensor, Tensor.detach, carry)
 
 
 def count_nonfinite(result: Unroll) -> int:

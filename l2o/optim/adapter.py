@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map_only
 
-from l2o.optim.base import Params, State, UpdateRule, map_tensors
+from l2o.optim.base import Params, State, UpdateRule
 
 STEP = "step"
 GROUP_PREFIX = "group:"
@@ -206,7 +207,9 @@ class RuleOptimizer(torch.optim.Optimizer):
         # The rule may hand back a gradient or parameter tensor as a state slot (SGD's first
         # momentum buffer is the gradient); own a copy before p.add_ or zero_grad touch it.
         borrowed = {_storage(t) for t in (*params.values(), *grads.values())}
-        new_state = map_tensors(lambda t: t.clone() if _storage(t) in borrowed else t, new_state)
+        new_state = tree_map_only(
+            Tensor, lambda t: t.clone() if _storage(t) in borrowed else t, new_state
+        )
         for k, p in live.items():
             p.add_(updates[k])
         _store_state(new_state, {k: self.state[p] for k, p in live.items()}, anchor)

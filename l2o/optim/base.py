@@ -120,19 +120,6 @@ def check_hyperparameter(
         raise ValueError(f"{name} must be {bound} {high}, got {value!r}")
 
 
-def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]):
-    """Apply ``fn`` key-wise over dicts of tensors with the same keys."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
-
-
-def map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
-    """Apply ``fn`` to every tensor of a nested dict (a rule state, a carry); other leaves pass
-    through unchanged."""
-    if isinstance(tree, Mapping):
-        return {k: map_tensors(fn, v) for k, v in tree.items()}
-    return fn(tree) if isinstance(tree, Tensor) else tree
-
-
 def zeros_like_params(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector
 
 from l2o.optim import registry
 from l2o.optim.adapter import RuleOptimizer
@@ -454,24 +455,11 @@ def _flatten(tree: Params, what: str, like: Params | None = None) -> Tensor:
             raise ValueError(f"L-BFGS does not support sparse tensors ({what}[{k!r}])")
         if v.is_complex():
             v = torch.view_as_real(v)
-        pieces.append(v.reshape(-1))
+        pieces.append(v)
     dtypes = {p.dtype for p in pieces}
     if len(dtypes) > 1:
         raise ValueError(f"L-BFGS needs one dtype for all parameters; {what} has {dtypes}")
-    return torch.cat(pieces)
-
-
-def _unflatten(flat: Tensor, like: Params) -> Params:
-    out, offset = {}, 0
-    for k, p in like.items():
-        if p.is_complex():
-            n = 2 * p.numel()
-            out[k] = torch.view_as_complex(flat[offset : offset + n].reshape(*p.shape, 2))
-        else:
-            n = p.numel()
-            out[k] = flat[offset : offset + n].reshape(p.shape)
-        offset += n
-    return out
+    return parameters_to_vector(pieces)
 
 
 def _moved(x: Params, d: Tensor, t: float) -> Params:

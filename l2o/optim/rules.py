@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from l2o.optim.base import (
     LearningRate,
@@ -28,7 +29,6 @@ from l2o.optim.base import (
     UpdateRule,
     check_hyperparameter,
     lr_at,
-    tree_map,
     zeros_like_params,
 )
 
