@@ -45,6 +45,7 @@ from l2o.optim.base import (
     Step,
     UpdateRule,
     apply_updates,
+    as_loss_fn,
     check_hyperparameter,
 )
 
@@ -136,6 +137,7 @@ class GuardRule(UpdateRule):
                 "the LGL2O guard compares losses and needs loss_fn; with the torch.optim class, "
                 "call optimizer.step(closure) with a closure that returns the loss"
             )
+        loss_fn = as_loss_fn(loss_fn)
         fallback_loss_fn = loss_fn if self.fallback.needs_loss_fn else None
         learned_updates, learned_state = self.learned.update(
             grads, state["learned"], params, step=step

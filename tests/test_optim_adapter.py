@@ -325,7 +325,7 @@ def test_loss_fn_offers_the_known_closure_loss_to_the_rule():
             return {}
 
         def update(self, grads, state, params, *, step, loss_fn=None):
-            seen.append(loss_fn.loss)
+            seen.append(loss_fn.known_loss)
             return {k: torch.zeros_like(p) for k, p in params.items()}, state
 
     model, x, y = _problem()
@@ -389,3 +389,27 @@ def test_cuda_params_match_the_torch_optim_twin_and_resume_from_a_cpu_checkpoint
     _train(ours, opt, x, y, 3)
     for p, q in zip(ours.parameters(), cpu_model.parameters()):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-9, atol=1e-11)
+
+
+def test_every_loss_fn_a_rule_can_get_follows_the_protocol():
+    from l2o.optim.adapter import ClosureLoss
+    from l2o.optim.base import FunctionalLoss, LossFn, as_loss_fn
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+
+    def closure():
+        p.grad = None
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    values = {"0": torch.tensor([3.0, -1.0])}
+    closure_loss = ClosureLoss(closure, {"0": p})
+    functional = as_loss_fn(lambda params: (params["0"] ** 2).sum())
+    assert isinstance(functional, FunctionalLoss) and as_loss_fn(functional) is functional
+    for loss_fn in (closure_loss, functional):
+        assert isinstance(loss_fn, LossFn) and loss_fn.known_loss is None
+        loss, grads = loss_fn.value_and_grad(values)
+        assert float(loss) == 10.0 and torch.equal(grads["0"], torch.tensor([6.0, -2.0]))
+    with pytest.raises(TypeError, match="callable"):
+        as_loss_fn(3)

@@ -239,9 +239,9 @@ class ClosureLoss:
     """The ``loss_fn`` a probing rule gets from :class:`RuleOptimizer`: it writes the given
     values into the live parameters and runs the user's closure under ``enable_grad``.
 
-    ``loss_fn(values)`` returns the (detached) loss; ``loss_fn.value_and_grad(values)`` also
-    returns the gradients the closure left in ``p.grad`` (see
-    :func:`l2o.optim.base.value_and_grad`). ``loss_fn.loss`` is the loss at the parameters the
+    A :class:`~l2o.optim.base.LossFn`: ``loss_fn(values)`` returns the (detached) loss;
+    ``loss_fn.value_and_grad(values)`` also returns the gradients the closure left in
+    ``p.grad``. ``loss_fn.known_loss`` is the loss at the parameters the
     rule is called with when the optimizer already knows it (the closure ran at the start of
     ``step``), else None, so a rule need not evaluate it again.
     """
@@ -251,7 +251,7 @@ class ClosureLoss:
     ) -> None:
         self.closure = closure
         self.params = params
-        self.loss = loss
+        self.known_loss = loss
         self.evaluations = 0
 
     def __call__(self, values: Params) -> Tensor:

@@ -29,17 +29,63 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
 State = dict[str, Any]
-LossFn = Callable[[Params], Tensor]
 Step = int | Tensor
 Schedule = Callable[[Step], float | Tensor]
 LearningRate = float | Schedule
+
+
+@runtime_checkable
+class LossFn(Protocol):
+    """What a rule with ``needs_loss_fn`` receives as ``loss_fn``: the loss at other points.
+
+    - ``loss_fn(params)``: the loss at ``params`` (a 0-dim tensor);
+    - ``loss_fn.value_and_grad(params)``: the loss and its gradient w.r.t. ``params``;
+    - ``loss_fn.known_loss``: the loss at the point the rule is called at when the caller
+      already computed it (the ``torch.optim`` adapter's closure ran at the start of ``step``),
+      else ``None``, so a rule need not evaluate it again.
+
+    Two implementations: :class:`FunctionalLoss` (a pure function, differentiated with
+    ``torch.func``, so it works inside vmap: what unrolls pass) and
+    :class:`l2o.optim.adapter.ClosureLoss` (a ``torch.optim`` closure, reading ``p.grad``).
+    Rules take either, or a plain callable through :func:`as_loss_fn`.
+    """
+
+    known_loss: Tensor | None
+
+    def __call__(self, params: Params) -> Tensor: ...
+
+    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalLoss:
+    """A :class:`LossFn` from a pure function ``fn(params) -> loss``."""
+
+    fn: Callable[[Params], Tensor]
+    known_loss: Tensor | None = None
+
+    def __call__(self, params: Params) -> Tensor:
+        return self.fn(params)
+
+    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
+        grads, loss = torch.func.grad_and_value(self.fn)(params)
+        return loss, grads
+
+
+def as_loss_fn(loss_fn: LossFn | Callable[[Params], Tensor]) -> LossFn:
+    """``loss_fn`` itself if it is a :class:`LossFn`, else a :class:`FunctionalLoss` of it."""
+    if isinstance(loss_fn, LossFn):
+        return loss_fn
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (params -> loss), got {loss_fn!r}")
+    return FunctionalLoss(loss_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,15 +175,6 @@ def global_norm(tree: Mapping[str, Tensor]) -> Tensor:
     return torch.sqrt(sum(torch.sum(v * v) for v in tree.values()))
 
 
-def value_and_grad(loss_fn: LossFn, params: Params) -> tuple[Tensor, Params]:
-    """Loss and gradient of ``loss_fn`` at ``params``, for rules that probe other points.
-
-    A ``loss_fn`` may carry its own ``value_and_grad(params)`` (the ``torch.optim`` adapter's
-    closure wrapper does: it runs the user's closure and reads ``p.grad``); otherwise
-    ``torch.func.grad_and_value`` differentiates it, which also works inside vmap.
-    """
-    own = getattr(loss_fn, "value_and_grad", None)
-    if own is not None:
-        return own(params)
-    grads, loss = torch.func.grad_and_value(loss_fn)(params)
-    return loss, grads
+def value_and_grad(loss_fn: LossFn | Callable[[Params], Tensor], params: Params):
+    """Loss and gradient of ``loss_fn`` at ``params`` (``as_loss_fn(loss_fn).value_and_grad``)."""
+    return as_loss_fn(loss_fn).value_and_grad(params)

@@ -42,9 +42,9 @@ from l2o.optim.base import (
     State,
     Step,
     UpdateRule,
+    as_loss_fn,
     check_hyperparameter,
     lr_at,
-    value_and_grad,
 )
 
 __all__ = ["LBFGS", "LBFGSOptimizer", "strong_wolfe"]
@@ -131,7 +131,8 @@ class LBFGS(UpdateRule):
     ) -> tuple[Params, State]:
         """Run up to ``max_iter`` L-BFGS iterations from ``params``; ``grads`` are at ``params``.
 
-        Evaluates ``loss_fn`` once at ``params`` for the starting loss (unless it carries a
+        Evaluates ``loss_fn`` (a :class:`~l2o.optim.base.LossFn` or a plain function) once at
+        ``params`` for the starting loss (unless it carries a
         ``loss`` attribute with that value) and through
         :func:`l2o.optim.base.value_and_grad` at every trial point.
         """
@@ -151,6 +152,7 @@ class LBFGS(UpdateRule):
                 f"params have {x0.numel()}: L-BFGS needs the same parameters (all with "
                 "gradients) at every update; start a new state with init() if they changed"
             )
+        loss_fn = as_loss_fn(loss_fn)
         loss = _initial_loss(loss_fn, params)
         if not (math.isfinite(loss) and torch.isfinite(g).all()):
             raise ValueError(
@@ -160,7 +162,7 @@ class LBFGS(UpdateRule):
             )
 
         def evaluate(x: Params) -> tuple[float, Tensor]:
-            value, grad = value_and_grad(loss_fn, x)
+            value, grad = loss_fn.value_and_grad(x)
             return float(value), _flatten(grad, "loss_fn gradients", like=params)
 
         h = _History.from_state(state)
@@ -484,9 +486,8 @@ def _along(
 
 
 def _initial_loss(loss_fn: LossFn, params: Params) -> float:
-    known = getattr(loss_fn, "loss", None)
-    if known is not None:
-        return float(known)
+    if loss_fn.known_loss is not None:
+        return float(loss_fn.known_loss)
     with torch.no_grad():
         return float(loss_fn(params))
 
