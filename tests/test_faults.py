@@ -448,8 +448,8 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
 
 
 def test_held_out_evaluation_shows_its_progress(capsys):
+    from l2o.eval.episodes import evaluate
     from l2o.learned import get_lopt
-    from l2o.meta.trainer import evaluate
     from l2o.tasks.families import get_family
 
     lopt = get_lopt("mlp", hidden_sizes=[4])

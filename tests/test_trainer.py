@@ -268,9 +268,9 @@ def test_interrupted_save_leaves_the_previous_resume_file_intact(tmp_path, monke
 
 
 def _meta_train_and_evaluate(family, seed):
+    from l2o.eval.episodes import evaluate
     from l2o.learned import get_lopt
     from l2o.meta.estimators import get_estimator
-    from l2o.meta.trainer import evaluate
     from l2o.optim.registry import get
 
     lopt = get_lopt("mlp", hidden_sizes=[8])
@@ -313,8 +313,8 @@ def test_short_meta_training_lowers_held_out_meta_loss_on_mlp_classifiers(seed):
 
 
 def test_evaluate_is_deterministic_and_rejects_empty_seeds():
+    from l2o.eval.episodes import evaluate
     from l2o.learned import get_lopt
-    from l2o.meta.trainer import evaluate
     from l2o.tasks.registry import get_task
 
     lopt = get_lopt("mlp", hidden_sizes=[4])
@@ -450,7 +450,7 @@ def test_population_must_split_evenly_over_ranks():
 def test_git_commit_is_asked_once_and_marks_uncommitted_changes(monkeypatch):
     import subprocess
 
-    from l2o.meta import trainer
+    from l2o import provenance
 
     answers = {"rev-parse": "abc123\n", "status": " M l2o/guard.py\n"}
     calls = []
@@ -459,15 +459,15 @@ def test_git_commit_is_asked_once_and_marks_uncommitted_changes(monkeypatch):
         calls.append(args[1])
         return subprocess.CompletedProcess(args, 0, stdout=answers[args[1]], stderr="")
 
-    monkeypatch.setattr(trainer.subprocess, "run", fake_run)
-    trainer._git_commit.cache_clear()
+    monkeypatch.setattr(provenance.subprocess, "run", fake_run)
+    provenance.git_commit.cache_clear()
     try:
-        assert trainer._git_commit() == "abc123-dirty"
+        assert provenance.git_commit() == "abc123-dirty"
         answers["rev-parse"] = "def456\n"  # a commit made while the run goes on
-        assert trainer._git_commit() == "abc123-dirty"
+        assert provenance.git_commit() == "abc123-dirty"
         assert calls == ["rev-parse", "status"]
-        trainer._git_commit.cache_clear()
+        provenance.git_commit.cache_clear()
         answers["status"] = ""
-        assert trainer._git_commit() == "def456"
+        assert provenance.git_commit() == "def456"
     finally:
-        trainer._git_commit.cache_clear()
+        provenance.git_commit.cache_clear()

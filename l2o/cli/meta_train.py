@@ -292,7 +292,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume_path: Path | None, saved) -> d
 
 
 def _evaluate(cfg: DictConfig, parts, initial, final, device) -> tuple[float, float]:
-    from l2o.meta.trainer import evaluate
+    from l2o.eval.episodes import evaluate
 
     seeds = [int(cfg.eval.first_seed) + i for i in range(cfg.eval.seeds)]
     kwargs = dict(

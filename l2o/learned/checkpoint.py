@@ -34,8 +34,6 @@ import hashlib
 import json
 import math
 import os
-import platform
-import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +48,7 @@ from l2o import durable
 from l2o.learned.base import LOpt
 from l2o.learned.registry import get_lopt, lopt_names
 from l2o.optim.base import Params
+from l2o.provenance import provenance
 
 FORMAT = "l2o-lopt"
 FORMAT_VERSION = 2
@@ -262,18 +261,7 @@ def _lopt_from_spec(spec: Mapping[str, Any], where: str) -> LOpt:
 
 def default_provenance() -> dict[str, Any]:
     """Versions, time and machine recorded in every card (callers add config, step, ...)."""
-    from l2o import __version__
-
-    hardware = platform.machine() or "unknown"
-    if torch.cuda.is_available():
-        hardware = f"{hardware}, {torch.cuda.get_device_name()}"
-    return {
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch_version": torch.__version__,
-        "l2o_version": __version__,
-        "python_version": platform.python_version(),
-        "hardware": hardware,
-    }
+    return provenance()
 
 
 # --- saving -------------------------------------------------------------------------------------

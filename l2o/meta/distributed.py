@@ -60,6 +60,16 @@ def init_from_env(device: torch.device | str = "cpu", backend: str | None = None
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but CUDA is not available; use device=auto or device=cpu")
+    return device
+
+
 def local_device(device: torch.device, world: World) -> torch.device:
     """One GPU per rank (``LOCAL_RANK``) for CUDA; the device itself otherwise."""
     if device.type == "cuda" and world.distributed and device.index is None:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ import torch
 
 from l2o import durable
 from l2o.learned.checkpoint import CheckpointError
+from l2o.meta.distributed import World
+from l2o.optim.base import Params
 
 RESUME_FILE = "resume.pt"
 #: Bumped when the resume file's layout changes; older files are refused with a clear message.
@@ -131,6 +134,10 @@ def load_resume_file(path: str | os.PathLike, device: torch.device | str = "cpu"
     return state
 
 
+class ResumeWarning(UserWarning):
+    """A run resumes from an older save than its newest file (damaged, or not on every rank)."""
+
+
 def readable_steps(run_dir: str | os.PathLike, rank: int = 0) -> dict[int, Path]:
     """``{outer step: file}`` for this rank's resume files that load and verify."""
     found: dict[int, Path] = {}
@@ -150,3 +157,98 @@ def complete_step(steps_by_rank: Sequence[Iterable[int]]) -> int | None:
     """The newest outer step every rank holds a readable file for, or None."""
     common = set.intersection(*(set(s) for s in steps_by_rank)) if steps_by_rank else set()
     return max(common) if common else None
+
+
+def newest_complete_save(run_dir: Path, world: World) -> Path:
+    """This rank's file of the newest step that every rank saved completely (a collective in a
+    distributed run: every rank calls it); warns when that is not the newest file."""
+    steps = readable_steps(run_dir, world.rank)
+    if world.distributed:
+        gathered: list[Any] = [None] * world.size
+        torch.distributed.all_gather_object(gathered, sorted(steps))
+    else:
+        gathered = [sorted(steps)]
+    step = complete_step(gathered)
+    newest = rank_files(run_dir, world.rank)[0]
+    if step is None:
+        if not newest.is_file():
+            raise ResumeError(
+                f"no resume file at {newest}; start without resume, or point resume= at one"
+            )
+        if steps:  # readable here, but not at a step every rank holds
+            raise ResumeError(
+                f"the ranks' resume files in {run_dir} share no complete outer step "
+                f"(this rank: {sorted(steps)}); start over"
+            )
+        load_resume_file(newest)  # raises what is wrong with it
+        raise ResumeError(f"{newest} cannot be resumed from")  # pragma: no cover
+    chosen = steps[step]
+    if chosen != newest and world.is_main:
+        warnings.warn(
+            f"resuming from {chosen.name} (outer step {step}): the newest save {newest.name} "
+            "is damaged or incomplete on some rank (a kill while saving)",
+            ResumeWarning,
+            stacklevel=3,
+        )
+    return chosen
+
+
+# --- checks of a loaded state -------------------------------------------------------------------
+
+
+def check_fields(state: Mapping[str, Any], source: str) -> None:
+    """The scalar fields of a resume state have the types the trainer writes."""
+    for key in ("step", "applied_updates", "skipped_nonfinite"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ResumeError(f"{source}: {key} must be an integer >= 0, got {value!r}")
+    if state["applied_updates"] + state["skipped_nonfinite"] > state["step"]:
+        raise ResumeError(f"{source}: more updates than outer steps; the file was tampered with")
+    if not isinstance(state["wall_time"], (int, float)) or isinstance(state["wall_time"], bool):
+        raise ResumeError(f"{source}: wall_time must be a number")
+    history = state["history"]
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise ResumeError(f"{source}: history must be a list of metric dicts")
+    if len(history) != state["step"]:
+        raise ResumeError(
+            f"{source}: history has {len(history)} rows for {state['step']} outer steps"
+        )
+
+
+def check_same_tree(expected: Any, got: Any, source: str, depth: int | None = None) -> None:
+    """``got`` has ``expected``'s nested keys, and tensors of its shapes (to ``depth`` levels of
+    nesting; deeper, only keys: an estimator's inner state may change shape per episode)."""
+    if isinstance(expected, Mapping):
+        if not isinstance(got, Mapping) or set(got) != set(expected):
+            have = sorted(got) if isinstance(got, Mapping) else type(got).__name__
+            raise ResumeError(
+                f"{source} holds {have}, expected {sorted(expected)}: the file was written by "
+                "another configuration or tampered with"
+            )
+        if depth is not None and depth <= 0:
+            return
+        for k in expected:
+            check_same_tree(
+                expected[k], got[k], f"{source}.{k}", None if depth is None else depth - 1
+            )
+    elif isinstance(expected, torch.Tensor) and (
+        not isinstance(got, torch.Tensor) or got.shape != expected.shape
+    ):
+        shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise ResumeError(f"{source} is {shape}, expected a tensor {list(expected.shape)}")
+
+
+def check_same_structure(expected: Params, got: Any, source: str) -> None:
+    if not isinstance(got, Mapping) or set(got) != set(expected):
+        have = sorted(got) if isinstance(got, Mapping) else type(got).__name__
+        raise ResumeError(
+            f"{source} holds meta-parameters {have}, but this learned optimizer has "
+            f"{sorted(expected)}; was it written by a run with another lopt config?"
+        )
+    for k, v in expected.items():
+        if not isinstance(got[k], torch.Tensor) or got[k].shape != v.shape:
+            shape = tuple(got[k].shape) if isinstance(got[k], torch.Tensor) else type(got[k])
+            raise ResumeError(
+                f"{source}: meta-parameter {k!r} has shape {shape}, expected {tuple(v.shape)}; "
+                "was it written by a run with another lopt config?"
+            )

@@ -28,16 +28,13 @@ Run directory layout::
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,23 +43,30 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from l2o.learned.base import LOpt
-from l2o.learned.checkpoint import default_provenance, save_checkpoint
+from l2o.learned.checkpoint import save_checkpoint
 from l2o.meta.base import EstimatorState, GradientEstimator
-from l2o.meta.distributed import World, all_reduce_mean, barrier, broadcast, mean_metrics
-from l2o.meta.losses import get_meta_loss
+from l2o.meta.distributed import (
+    World,
+    all_reduce_mean,
+    barrier,
+    broadcast,
+    mean_metrics,
+    resolve_device,
+)
+from l2o.meta.reporting import OuterLoopReporter
 from l2o.meta.resume import (
     RESUME_FILE,
     RESUME_FORMAT,
     ResumeError,
-    complete_step,
+    check_fields,
+    check_same_structure,
+    check_same_tree,
     load_resume_file,
-    rank_files,
-    readable_steps,
+    newest_complete_save,
     resume_file_name,
     rotate_and_save,
     save_resume_file,
 )
-from l2o.meta.unroll import init_carry, unroll
 from l2o.optim.base import (
     Params,
     State,
@@ -71,7 +75,7 @@ from l2o.optim.base import (
     global_norm,
     lr_at,
 )
-from l2o.tasks.base import Task, TaskFamily
+from l2o.provenance import git_commit, provenance
 
 __all__ = [
     "RESUME_FILE",
@@ -100,10 +104,6 @@ _RESUME_KEYS = (
     "history",
     "wall_time",
 )
-
-
-class ResumeWarning(UserWarning):
-    """A run resumes from an older save than its newest file (damaged, or not on every rank)."""
 
 
 class MetaTrainingInterrupted(Exception):
@@ -149,16 +149,6 @@ class _StopOnSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but CUDA is not available; use device=auto or device=cpu")
-    return device
 
 
 def clip_by_global_norm(grads: Params, max_norm: float | None) -> tuple[Params, float]:
@@ -246,14 +236,14 @@ class MetaTrainer:
         self.progress = progress
         self.world = world or World()
         self.init_from = init_from
-        _git_commit()  # the code version is the one at the start of the run
+        git_commit()  # the code version is the one at the start of the run
 
         # One generator for everything random, so that its state alone makes resume exact.
         self.generator = torch.Generator().manual_seed(self.seed)
         # Drawn even for a warm start, so that the generator (tasks, perturbations) is the same.
         meta_params = lopt.init_meta(self.generator)
         if initial_meta_params is not None:
-            _check_same_structure(meta_params, initial_meta_params, "initial_meta_params")
+            check_same_structure(meta_params, initial_meta_params, "initial_meta_params")
             meta_params = initial_meta_params
         self.meta_params = {k: v.detach().to(self.device) for k, v in meta_params.items()}
         broadcast(self.meta_params, self.world)  # identical already; cheap insurance
@@ -323,15 +313,14 @@ class MetaTrainer:
         """
         if self.step == 0 and self.run_dir is not None:
             self.save(checkpoint=False)
-        bar = None
+        reporter = OuterLoopReporter(
+            self.tracker, progress=self.progress, world=self.world, total=self.outer_steps
+        )
         try:
             with _StopOnSignal(announce=self.world.is_main) as stop:
                 while self.step < self.outer_steps:
                     metrics = self.outer_step()
-                    if bar is None:
-                        # Started after the first step, whose warm-up would distort the ETA.
-                        bar = self._progress_bar()
-                    self._report(metrics, bar)
+                    reporter.step(metrics, self.step, self.skipped_nonfinite)
                     stopping = self._any_rank(stop.signum is not None)
                     last = self.step == self.outer_steps
                     due = self.checkpoint_every and self.step % self.checkpoint_every == 0
@@ -342,42 +331,14 @@ class MetaTrainer:
                             stop.signum or signal.SIGTERM, self.step, self.run_dir
                         )
         finally:
-            if bar:
-                bar.close()
-        if self.world.is_main and self.tracker is not None:
-            final = {f"final_{k}": v for k, v in (self.history[-1] if self.history else {}).items()}
-            self.tracker.summary({**final, "skipped_nonfinite": self.skipped_nonfinite})
+            reporter.close()
+        reporter.finish(self.history, self.skipped_nonfinite)
         return MetaTrainResult(
             meta_params=self.meta_params,
             history=list(self.history),
             skipped_nonfinite=self.skipped_nonfinite,
             run_dir=self.run_dir,
         )
-
-    def _progress_bar(self):
-        if not (self.progress and self.world.is_main):
-            return False
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.outer_steps,
-            initial=self.step,
-            desc="meta-train",
-            unit="step",
-            mininterval=1.0,
-        )
-
-    def _report(self, metrics: Mapping[str, float], bar) -> None:
-        if not self.world.is_main:
-            return
-        if self.tracker is not None:
-            self.tracker.log(metrics, step=self.step)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(
-                meta_loss=f"{metrics.get('meta_loss', float('nan')):.4g}",
-                skipped=self.skipped_nonfinite,
-            )
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank (every rank must stop at the same step)."""
@@ -418,16 +379,16 @@ class MetaTrainer:
                 f"{source} has resume format {state['format']!r}; this l2o reads "
                 f"{RESUME_FORMAT}. Start a new run (resume=false, another run_dir)."
             )
-        _check_same_structure(self.meta_params, state["meta_params"], source)
+        check_same_structure(self.meta_params, state["meta_params"], source)
         world_size = state.get("world_size", 1)
         if world_size != self.world.size:
             raise ResumeError(
                 f"{source} was written by a run on {world_size} process(es); resume it with the "
                 f"same number (this run has {self.world.size})"
             )
-        _check_fields(state, source)
-        _check_same_tree(self.outer_state, state["outer_state"], f"{source}: outer_state")
-        _check_same_tree(
+        check_fields(state, source)
+        check_same_tree(self.outer_state, state["outer_state"], f"{source}: outer_state")
+        check_same_tree(
             self.estimator_state, state["estimator_state"], f"{source}: estimator_state", depth=1
         )
         generator = torch.Generator()
@@ -458,7 +419,7 @@ class MetaTrainer:
             path = self.run_dir
         path = Path(path)
         if path.is_dir():
-            path = self._newest_complete_save(path)
+            path = newest_complete_save(path, self.world)
         elif self.world.rank > 0 and path.name == RESUME_FILE:
             path = path.with_name(resume_file_name(self.world.rank))
         self.load_state_dict(load_resume_file(path, self.device), source=str(path))
@@ -471,38 +432,6 @@ class MetaTrainer:
                     f"({-int(steps[1])} to {int(steps[0])}): the run was killed while saving; "
                     "restore the files of one step from a backup or start over"
                 )
-
-    def _newest_complete_save(self, run_dir: Path) -> Path:
-        """This rank's file of the newest step that every rank saved completely."""
-        steps = readable_steps(run_dir, self.world.rank)
-        if self.world.distributed:
-            gathered: list[Any] = [None] * self.world.size
-            torch.distributed.all_gather_object(gathered, sorted(steps))
-        else:
-            gathered = [sorted(steps)]
-        step = complete_step(gathered)
-        newest = rank_files(run_dir, self.world.rank)[0]
-        if step is None:
-            if not newest.is_file():
-                raise ResumeError(
-                    f"no resume file at {newest}; start without resume, or point resume= at one"
-                )
-            if steps:  # readable here, but not at a step every rank holds
-                raise ResumeError(
-                    f"the ranks' resume files in {run_dir} share no complete outer step "
-                    f"(this rank: {sorted(steps)}); start over"
-                )
-            load_resume_file(newest)  # raises what is wrong with it
-            raise ResumeError(f"{newest} cannot be resumed from")  # pragma: no cover
-        chosen = steps[step]
-        if chosen != newest and self.world.is_main:
-            warnings.warn(
-                f"resuming from {chosen.name} (outer step {step}): the newest save {newest.name} "
-                "is damaged or incomplete on some rank (a kill while saving)",
-                ResumeWarning,
-                stacklevel=3,
-            )
-        return chosen
 
     def save(self, checkpoint: bool = True) -> None:
         """Write the resume file (each rank its own, the previous one kept) and, on rank 0 with
@@ -534,158 +463,8 @@ class MetaTrainer:
         save_checkpoint(path, self.lopt, self.meta_params, extra_card=card)
 
 
-def evaluate(
-    lopt: LOpt,
-    meta_params: Params,
-    task: Task | TaskFamily,
-    *,
-    seeds: Sequence[int],
-    horizon: int,
-    meta_loss: str = "train_mean",
-    device: str | torch.device = "cpu",
-    progress: bool | str = False,
-) -> float:
-    """Held-out meta-loss: the mean over ``seeds`` of the meta-loss of one whole episode.
-
-    Each seed trains one instance for ``horizon`` inner steps under ``lopt.rule(meta_params)``
-    from its initial parameters (for a family, on the task ``family.sample(seed)``), and scores
-    the episode with ``meta_loss`` (:mod:`l2o.meta.losses`). Seeds disjoint from the ones the
-    estimator draws make it a held-out number; the same seeds make two ``meta_params``
-    comparable (common random numbers). ``progress`` (True or a label) shows a bar over the
-    seeds' episodes.
-    """
-    if not seeds:
-        raise ValueError("evaluate needs at least one seed")
-    if horizon < 1:
-        raise ValueError(f"horizon must be >= 1, got {horizon}")
-    device = resolve_device(device)
-    loss_fn = get_meta_loss(meta_loss)
-    with torch.no_grad():
-        rule = lopt.rule({k: v.detach().to(device) for k, v in meta_params.items()})
-        if isinstance(task, TaskFamily):  # one task structure per seed: unroll them one by one
-            groups = [(task.sample(int(s)).to(device), [int(s)]) for s in seeds]
-        else:  # one structure: the whole population at once
-            groups = [(task.to(device), [int(s) for s in seeds])]
-        total = 0.0
-        if progress:
-            from tqdm.auto import tqdm
-
-            label = progress if isinstance(progress, str) else "evaluate"
-            groups = tqdm(groups, desc=label, unit="episode" if len(groups) > 1 else "population")
-        for member_task, member_seeds in groups:
-            carry = init_carry(
-                rule, member_task, torch.tensor(member_seeds, dtype=torch.int64), device=device
-            )
-            result = unroll(rule, member_task, carry, horizon, eval_mode=loss_fn.eval_mode)
-            total += float(loss_fn(result.terms).sum())
-    return total / len(seeds)
-
-
-def provenance(device: torch.device) -> dict[str, Any]:
-    """What a checkpoint was made with: versions and time (from the checkpoint format), plus
-    the git commit when l2o runs from a checkout and the device meta-training ran on."""
-    out = default_provenance()
-    out["device"] = str(device)
-    out["device_name"] = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    )
-    commit = _git_commit()
-    if commit:
-        out["git_commit"] = commit
-    return out
-
-
-@functools.cache
-def _git_commit() -> str | None:
-    """HEAD of the checkout l2o runs from (``"<sha>-dirty"`` with uncommitted changes to tracked
-    files), cached: asked once per process, so a commit made while a long run goes on is not
-    mistaken for the code that run is executing."""
-
-    def git(*args: str) -> str | None:
-        try:
-            result = subprocess.run(
-                ["git", *args],
-                cwd=Path(__file__).resolve().parent,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return None
-    return commit + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else commit
-
-
-def _cpu_name() -> str:
-    import platform
-
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def _task_steps(estimator: GradientEstimator) -> float:
     """Inner task-steps of one estimate when the estimator does not report ``inner_steps``."""
     population = getattr(estimator, "population", 1)
     truncation = getattr(estimator, "truncation", 1)
     return float(population * truncation) if isinstance(truncation, (int, float)) else 0.0
-
-
-def _check_fields(state: Mapping[str, Any], source: str) -> None:
-    """The scalar fields of a resume state have the types the trainer writes."""
-    for key in ("step", "applied_updates", "skipped_nonfinite"):
-        value = state[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ResumeError(f"{source}: {key} must be an integer >= 0, got {value!r}")
-    if state["applied_updates"] + state["skipped_nonfinite"] > state["step"]:
-        raise ResumeError(f"{source}: more updates than outer steps; the file was tampered with")
-    if not isinstance(state["wall_time"], (int, float)) or isinstance(state["wall_time"], bool):
-        raise ResumeError(f"{source}: wall_time must be a number")
-    history = state["history"]
-    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-        raise ResumeError(f"{source}: history must be a list of metric dicts")
-    if len(history) != state["step"]:
-        raise ResumeError(
-            f"{source}: history has {len(history)} rows for {state['step']} outer steps"
-        )
-
-
-def _check_same_tree(expected: Any, got: Any, source: str, depth: int | None = None) -> None:
-    """``got`` has ``expected``'s nested keys, and tensors of its shapes (to ``depth`` levels of
-    nesting; deeper, only keys: an estimator's inner state may change shape per episode)."""
-    if isinstance(expected, Mapping):
-        if not isinstance(got, Mapping) or set(got) != set(expected):
-            have = sorted(got) if isinstance(got, Mapping) else type(got).__name__
-            raise ResumeError(
-                f"{source} holds {have}, expected {sorted(expected)}: the file was written by "
-                "another configuration or tampered with"
-            )
-        if depth is not None and depth <= 0:
-            return
-        for k in expected:
-            _check_same_tree(
-                expected[k], got[k], f"{source}.{k}", None if depth is None else depth - 1
-            )
-    elif isinstance(expected, torch.Tensor) and (
-        not isinstance(got, torch.Tensor) or got.shape != expected.shape
-    ):
-        shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        raise ResumeError(f"{source} is {shape}, expected a tensor {list(expected.shape)}")
-
-
-def _check_same_structure(expected: Params, got: Any, source: str) -> None:
-    if not isinstance(got, Mapping) or set(got) != set(expected):
-        have = sorted(got) if isinstance(got, Mapping) else type(got).__name__
-        raise ResumeError(
-            f"{source} holds meta-parameters {have}, but this learned optimizer has "
-            f"{sorted(expected)}; was it written by a run with another lopt config?"
-        )
-    for k, v in expected.items():
-        if not isinstance(got[k], torch.Tensor) or got[k].shape != v.shape:
-            shape = tuple(got[k].shape) if isinstance(got[k], torch.Tensor) else type(got[k])
-            raise ResumeError(
-                f"{source}: meta-parameter {k!r} has shape {shape}, expected {tuple(v.shape)}; "
-                "was it written by a run with another lopt config?"
-            )
