@@ -50,7 +50,6 @@ same generator state gives the same estimates.
 from __future__ import annotations
 
 import math
-import numbers
 from abc import abstractmethod
 from collections import OrderedDict
 from typing import Any, ClassVar
@@ -66,18 +65,13 @@ from l2o.meta.unroll import Unroll, count_nonfinite, detach_carry, init_carry, u
 from l2o.optim.base import Params, check_hyperparameter
 from l2o.registry import Registry
 from l2o.tasks.base import Task, TaskFamily
+from l2o.validation import log_uniform, positive_int
 
 HORIZON_SCHEDULES = ("constant", "log_uniform")
 
 _SEED_HIGH = 2**31 - 1
 #: Tasks kept built per estimator (a family's tasks are rebuilt from their seed when evicted).
 _TASK_CACHE_SIZE = 4
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _draw_seeds(generator: torch.Generator, n: int) -> Tensor:
@@ -118,9 +112,9 @@ class TruncatedEstimator(GradientEstimator):
         horizon_schedule: str = "constant",
         min_horizon: int | None = None,
     ) -> None:
-        self.population = _positive_int("population", population)
-        self.truncation = _positive_int("truncation", truncation)
-        self.horizon = _positive_int("horizon", horizon)
+        self.population = positive_int("population", population)
+        self.truncation = positive_int("truncation", truncation)
+        self.horizon = positive_int("horizon", horizon)
         if self.truncation > self.horizon:
             raise ValueError(
                 f"truncation (K={truncation}) must be <= horizon (T={horizon}): "
@@ -136,7 +130,7 @@ class TruncatedEstimator(GradientEstimator):
                 f"horizon_schedule must be one of {HORIZON_SCHEDULES}, got {horizon_schedule!r}"
             )
         self.horizon_schedule = horizon_schedule
-        self.min_horizon = _positive_int(
+        self.min_horizon = positive_int(
             "min_horizon", self.truncation if min_horizon is None else min_horizon
         )
         if self.min_horizon > self.horizon:
@@ -214,9 +208,8 @@ class TruncatedEstimator(GradientEstimator):
     def _draw_horizon(self, generator: torch.Generator) -> int:
         if self.horizon_schedule == "constant":
             return self.horizon
-        u = float(torch.rand((), generator=generator, device=generator.device, dtype=torch.float64))
-        low, high = math.log(self.min_horizon), math.log(self.horizon)
-        return min(self.horizon, max(self.min_horizon, round(math.exp(low + u * (high - low)))))
+        drawn = round(log_uniform(generator, self.min_horizon, self.horizon))
+        return min(self.horizon, max(self.min_horizon, drawn))
 
     def _start_episode(
         self, meta_params: Params, episode: int, generator: torch.Generator

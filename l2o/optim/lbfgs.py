@@ -46,6 +46,7 @@ from l2o.optim.base import (
     check_hyperparameter,
     lr_at,
 )
+from l2o.validation import positive_int
 
 __all__ = ["LBFGS", "LBFGSOptimizer", "strong_wolfe"]
 
@@ -79,12 +80,12 @@ class LBFGS(UpdateRule):
 
     def __post_init__(self) -> None:
         check_hyperparameter("lr", self.lr)
-        _check_count("max_iter", self.max_iter)
+        positive_int("max_iter", self.max_iter)
         if self.max_eval is not None:
-            _check_count("max_eval", self.max_eval)
+            positive_int("max_eval", self.max_eval)
         check_hyperparameter("tolerance_grad", self.tolerance_grad)
         check_hyperparameter("tolerance_change", self.tolerance_change)
-        _check_count("history_size", self.history_size)
+        positive_int("history_size", self.history_size)
         if self.line_search_fn not in LINE_SEARCHES:
             raise ValueError(
                 f"line_search_fn must be None or 'strong_wolfe', got {self.line_search_fn!r}"
@@ -436,11 +437,6 @@ class _History:
 
 
 # ---------------------------------------------------------------------- flat vectors
-
-
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _flatten(tree: Params, what: str, like: Params | None = None) -> Tensor:

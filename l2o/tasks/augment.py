@@ -33,6 +33,7 @@ from torch import Tensor
 from l2o.optim.base import Params
 from l2o.tasks.base import Batch, Task
 from l2o.tasks.data import seeded_generator
+from l2o.validation import log_uniform
 
 # Salts keep the scale streams unrelated to the base task's streams from the same seed.
 _REPARAM_SALT = 0x5CA1E
@@ -49,12 +50,6 @@ def check_log_range(name: str, value: Sequence[float]) -> tuple[float, float]:
     if lo > hi:
         raise ValueError(f"{name} must have lo <= hi, got {value!r}")
     return lo, hi
-
-
-def log_uniform(generator: torch.Generator, lo: float, hi: float, n: int) -> Tensor:
-    """``n`` float64 draws of ``exp(U(log lo, log hi))``."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
 
 
 class TaskWrapper(Task):

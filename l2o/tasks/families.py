@@ -37,6 +37,7 @@ from l2o.tasks.base import Task, TaskFamily
 from l2o.tasks.data import DATASET_NAMES, seeded_generator
 from l2o.tasks.supervised import ACTIVATIONS, ConvNetTask, MLPClassifierTask
 from l2o.tasks.synthetic import QuadraticTask
+from l2o.validation import log_uniform
 
 # Salts: a family's draws and a mixture's choice use streams unrelated to the tasks' own.
 _FAMILY_SALT = 0xFA417
@@ -104,14 +105,9 @@ def _uniform_int(g: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(int(lo), int(hi) + 1, (1,), generator=g))
 
 
-def _log_uniform(g: torch.Generator, lo: float, hi: float) -> float:
-    u = float(torch.rand((), generator=g, dtype=torch.float64))
-    return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-
-
 def _log_uniform_int(g: torch.Generator, lo: int, hi: int) -> int:
     # log-uniform over the real interval [lo, hi + 1), rounded down: every integer reachable.
-    return min(int(hi), math.floor(_log_uniform(g, lo, hi + 1)))
+    return min(int(hi), math.floor(log_uniform(g, lo, hi + 1)))
 
 
 def _choice(g: torch.Generator, choices: Sequence[Any]) -> Any:
@@ -242,7 +238,7 @@ class MLPFamily(_NetworkFamily):
             depth=_uniform_int(g, *self.depth),
             activation=_choice(g, self.activations),
             batch_size=_log_uniform_int(g, *self.batch_size),
-            init_scale=_log_uniform(g, *self.init_scale),
+            init_scale=log_uniform(g, *self.init_scale),
         )
 
 
@@ -265,7 +261,7 @@ class ConvNetFamily(_NetworkFamily):
             channels=[width] * depth,
             activation=_choice(g, self.activations),
             batch_size=_log_uniform_int(g, *self.batch_size),
-            init_scale=_log_uniform(g, *self.init_scale),
+            init_scale=log_uniform(g, *self.init_scale),
         )
 
 
@@ -293,9 +289,9 @@ class QuadraticFamily(SampledFamily):
         lo, hi = self.noise_std
         return QuadraticTask(
             dim=_log_uniform_int(g, *self.dim),
-            cond=_log_uniform(g, *self.cond),
+            cond=log_uniform(g, *self.cond),
             noise_std=lo + float(torch.rand((), generator=g, dtype=torch.float64)) * (hi - lo),
-            init_scale=_log_uniform(g, *self.init_scale),
+            init_scale=log_uniform(g, *self.init_scale),
         )
 
 

@@ -26,6 +26,7 @@ from l2o.optim.base import Params
 from l2o.tasks.base import Batch, Task
 from l2o.tasks.registry import register_task
 from l2o.tasks.text import DEFAULT_MODULES, VOCAB_SIZE, CharCorpus
+from l2o.validation import positive_int
 
 
 class _LSTMNet(nn.Module):
@@ -102,12 +103,6 @@ class _TransformerNet(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 class CharLMTask(Task):
     """Shared machinery of the character LM tasks: corpus, batches, loss. Not registered."""
 
@@ -119,7 +114,8 @@ class CharLMTask(Task):
         batch_size: int,
         modules: tuple[str, ...] | list[str] = DEFAULT_MODULES,
     ) -> None:
-        _check_positive(seq_len=seq_len, batch_size=batch_size)
+        positive_int("seq_len", seq_len)
+        positive_int("batch_size", batch_size)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.corpus = CharCorpus(modules)
@@ -173,7 +169,8 @@ class CharLSTMTask(CharLMTask):
         batch_size: int = 16,
         modules: tuple[str, ...] | list[str] = DEFAULT_MODULES,
     ) -> None:
-        _check_positive(embed_dim=embed_dim, hidden_size=hidden_size)
+        positive_int("embed_dim", embed_dim)
+        positive_int("hidden_size", hidden_size)
         super().__init__(seq_len, batch_size, modules)
         self.embed_dim = embed_dim
         self.hidden_size = hidden_size
@@ -222,7 +219,9 @@ class CharTransformerTask(CharLMTask):
         batch_size: int = 16,
         modules: tuple[str, ...] | list[str] = DEFAULT_MODULES,
     ) -> None:
-        _check_positive(d_model=d_model, n_heads=n_heads, n_layers=n_layers)
+        positive_int("d_model", d_model)
+        positive_int("n_heads", n_heads)
+        positive_int("n_layers", n_layers)
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         super().__init__(seq_len, batch_size, modules)

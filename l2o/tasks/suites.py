@@ -48,6 +48,7 @@ from l2o.tasks.families import (
 )
 from l2o.tasks.language import CharLSTMTask, CharTransformerTask
 from l2o.tasks.supervised import ACTIVATIONS, ConvNetTask, MLPClassifierTask
+from l2o.validation import positive_int
 
 #: First seed of the held-out range (task seeds and instance seeds of every suite).
 HELD_OUT_SEED: int = 2**31
@@ -271,8 +272,7 @@ def get_suite(
     elif not isinstance(family, TaskFamily):
         raise TypeError(f"family must be a TaskFamily or a config dict, got {family!r}")
     for arg, value in (("n_tasks", n_tasks), ("n_seeds", n_seeds), ("horizon", horizon)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+        positive_int(arg, value)
     scales = tuple(float(s) for s in loss_scales)
     if not scales or any(not s > 0.0 for s in scales):
         raise ValueError(f"loss_scales must be a non-empty list of positive numbers: {scales!r}")

@@ -25,6 +25,7 @@ from torch.func import functional_call
 from l2o.optim.base import Params
 from l2o.tasks.base import Batch, Task
 from l2o.tasks.data import Dataset, batch_indices, check_dataset_name, check_split, load_dataset
+from l2o.validation import positive_int
 
 #: Activation name -> (module class, fan-in init gain).
 ACTIVATIONS: dict[str, tuple[type[nn.Module], float]] = {
@@ -41,12 +42,6 @@ _GAIN_OF = {cls: gain for cls, gain in ACTIVATIONS.values()}
 
 # Separates the stream of eval minibatches from the training one for the same (seed, step).
 _EVAL_STREAM = 0xE7A1
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -125,14 +120,14 @@ class DatasetTask(ModuleTask):
         check_dataset_name(dataset)
         self.dataset = dataset
         self.data: Dataset = load_dataset(dataset, self.device)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         if self.batch_size > self.data.num_train:
             raise ValueError(
                 f"batch_size={batch_size} exceeds the {self.data.num_train} training examples "
                 f"of {dataset!r}"
             )
         if eval_batch_size is not None:
-            eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+            eval_batch_size = positive_int("eval_batch_size", eval_batch_size)
             if eval_batch_size > self.data.num_eval:
                 raise ValueError(
                     f"eval_batch_size={eval_batch_size} exceeds the {self.data.num_eval} eval "
@@ -242,7 +237,7 @@ class MLPClassifierTask(ClassifierTask):
         init_scale: float = 1.0,
         eval_batch_size: int | None = None,
     ):
-        self.width = _positive_int("width", width)
+        self.width = positive_int("width", width)
         if isinstance(depth, bool) or int(depth) != depth or depth < 0:
             raise ValueError(f"depth must be a non-negative integer, got {depth!r}")
         self.depth = int(depth)
@@ -291,8 +286,8 @@ class ConvNetTask(ClassifierTask):
     ):
         if isinstance(channels, int) or len(channels) == 0:
             raise ValueError(f"channels must be a non-empty list of positive ints: {channels!r}")
-        self.channels = tuple(_positive_int("channels", c) for c in channels)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.channels = tuple(positive_int("channels", c) for c in channels)
+        self.kernel_size = positive_int("kernel_size", kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (for 'same' padding), got {kernel_size}")
         self.activation = activation
@@ -346,8 +341,8 @@ class AutoencoderTask(DatasetTask):
         init_scale: float = 1.0,
         eval_batch_size: int | None = None,
     ):
-        self.width = _positive_int("width", width)
-        self.bottleneck = _positive_int("bottleneck", bottleneck)
+        self.width = positive_int("width", width)
+        self.bottleneck = positive_int("bottleneck", bottleneck)
         self.activation = activation
         act = _activation(activation)
         self.init_scale = _check_init_scale(init_scale)

@@ -15,6 +15,7 @@ from torch import Tensor
 from l2o.optim.base import Params
 from l2o.tasks.base import Batch, Task
 from l2o.tasks.data import check_split, seeded_generator
+from l2o.validation import positive_int
 
 # Salts keep the streams drawn from one instance seed unrelated to each other.
 _PROBLEM_SALT = 0x51AD
@@ -38,8 +39,7 @@ class QuadraticTask(Task):
     def __init__(
         self, dim: int = 10, cond: float = 100.0, noise_std: float = 0.0, init_scale: float = 1.0
     ):
-        if int(dim) != dim or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        positive_int("dim", dim)
         if not cond >= 1.0 or not math.isfinite(cond):
             raise ValueError(f"cond must be a finite number >= 1, got {cond!r}")
         if not noise_std >= 0.0:
