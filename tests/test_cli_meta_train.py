@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
-from l2o.cli.meta_train import ConfigError, compose_config, run
+from l2o.cli.meta_train import ConfigError, build, compose_config, run
 from l2o.learned.checkpoint import load_checkpoint
 from l2o.meta.trainer import ResumeError
 
@@ -28,7 +28,9 @@ def test_every_experiment_and_estimator_composes_and_validates(tmp_path, experim
 
     cfg = _cfg(tmp_path, f"experiment={experiment}", f"estimator={estimator}")
     validate_config(cfg)
-    assert cfg.estimator.name == estimator
+    built = build(cfg, "cpu")["estimator"]
+    assert type(built).__name__ == {"tbptt": "TruncatedBPTT", "es": "ES", "pes": "PES"}[estimator]
+    assert built.population == cfg.estimator.population  # the composed numbers are what runs
 
 
 def test_smoke_run_writes_checkpoints_that_load(tmp_path):
