@@ -29,7 +29,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -73,6 +73,21 @@ def _finite_or_fresh(new: State, fresh: State) -> tuple[State, Tensor]:
     return kept, (~ok).long()
 
 
+class GuardState(TypedDict):
+    """The guard's state (a plain dict at run time, so vmap and ``state_dict`` see no change)."""
+
+    learned: State  # the learned rule's state
+    fallback: State  # the fallback rule's state
+    learned_steps: Tensor  # int64 counters of the side that was taken ...
+    fallback_steps: Tensor
+    skipped_steps: Tensor  # ... or of steps where neither candidate was finite
+    comparisons: Tensor  # steps whose two losses were compared
+    last_choice: Tensor  # LEARNED, FALLBACK or NO_STEP of the last comparison
+    recent: Tensor  # [ACCEPT_WINDOW] ring buffer: 1 where the learned step was taken
+    recent_count: Tensor  # updates so far (the ring buffer's write position)
+    state_resets: Tensor  # sides whose state turned non-finite and was re-initialised
+
+
 @dataclasses.dataclass(frozen=True)
 class GuardRule(UpdateRule):
     """Compose a learned rule and a fallback rule into the LGL2O rule.
@@ -101,12 +116,21 @@ class GuardRule(UpdateRule):
         if not isinstance(self.compare_every, int) or self.compare_every < 1:
             raise ValueError(f"compare_every must be an integer >= 1, got {self.compare_every!r}")
 
+    def parameter_slots(self) -> frozenset[str] | None:
+        parts = {
+            "learned": self.learned.parameter_slots(),
+            "fallback": self.fallback.parameter_slots(),
+        }
+        if any(slots is None for slots in parts.values()):
+            return None  # a side that does not declare its slots: let the adapter infer all
+        return frozenset(f"{side}/{path}" for side, slots in parts.items() for path in slots)
+
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
         # The two rules are fixed for the guard's lifetime; these are what param groups carry.
         return ("lr", "compare_every")
 
-    def init(self, params: Params) -> State:
+    def init(self, params: Params) -> GuardState:
         device = next(iter(params.values())).device
         counter = torch.zeros((), dtype=torch.int64, device=device)
         return {

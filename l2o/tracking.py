@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -148,21 +149,34 @@ def _records(data: bytes):
             pos += -pos % _BLOCK
 
 
-def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+def read_offline_run(run_dir: str | os.PathLike, wait_s: float = 30.0) -> dict[str, Any]:
     """History rows, summary and config of an offline run directory (``offline-run-*``).
 
     Returns ``{"history": [row, ...], "summary": {...}, "config": {...}}``; values are decoded
-    from JSON, nested summary keys are joined with ``/``.
+    from JSON, nested summary keys are joined with ``/``. A run whose file has no exit record
+    yet is read again for up to ``wait_s`` seconds (wandb writes the file asynchronously).
     """
     from wandb.proto import wandb_internal_pb2
 
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
+    # wandb's service process writes the file on its own schedule, and ``run.finish()`` can
+    # return before the last records are on disk: a finished run's file ends with an exit
+    # record, so wait (a little) for it before reading.
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for raw in _records(files[0].read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            records.append(record)
+        finished = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     out: dict[str, Any] = {"history": [], "summary": {}, "config": {}}
-    for raw in _records(files[0].read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})

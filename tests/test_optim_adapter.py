@@ -413,3 +413,44 @@ def test_every_loss_fn_a_rule_can_get_follows_the_protocol():
         assert float(loss) == 10.0 and torch.equal(grads["0"], torch.tensor([6.0, -2.0]))
     with pytest.raises(TypeError, match="callable"):
         as_loss_fn(3)
+
+
+@pytest.mark.parametrize(
+    "name", ["sgd", "momentum", "rmsprop", "adam", "amsgrad", "adamax", "nadam"]
+)
+def test_declared_parameter_slots_cover_what_init_holds_per_parameter(name):
+    from l2o.optim import get
+
+    rule = get(name, **({"centered": True, "momentum": 0.9} if name == "rmsprop" else {}))
+    params = {"0": torch.zeros(3), "1": torch.zeros(2, 2)}
+    state = rule.init(params)
+    per_param = {k for k, v in state.items() if isinstance(v, dict) and set(v) == set(params)}
+    assert per_param <= rule.parameter_slots()
+    assert all(k not in rule.parameter_slots() for k in state if k not in per_param)
+
+
+def test_a_global_dict_keyed_like_the_params_is_not_mistaken_for_a_slot():
+    import dataclasses
+    from typing import ClassVar
+
+    @dataclasses.dataclass(frozen=True)
+    class Counts(UpdateRule):
+        """A global table that happens to be keyed "0": with PARAMETER_SLOTS declared, it stays
+        one global entry instead of being spread into optimizer.state[p]."""
+
+        PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset()
+
+        def init(self, params):
+            return {"table": {"0": torch.zeros(())}}
+
+        def update(self, grads, state, params, *, step, loss_fn=None):
+            table = {"0": state["table"]["0"] + 1}
+            return {k: torch.zeros_like(g) for k, g in grads.items()}, {"table": table}
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = RuleOptimizer([p], Counts())
+    for _ in range(3):
+        p.grad = torch.ones(2)
+        opt.step()
+    assert set(opt.state[p]) == {"step", "group:table/0"}
+    assert float(opt.state[p]["group:table/0"]) == 3.0

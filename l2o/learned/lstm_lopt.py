@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -114,6 +115,8 @@ class LSTMRule(LearnedRule):
 
     State: per-parameter slots ``h`` and ``c`` of shape ``[*param.shape, num_layers, hidden]``.
     """
+
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"h", "c"})
 
     lopt: LSTMLOpt = dataclasses.field(repr=False)
 

@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -171,6 +172,8 @@ class MLPLOpt(LOpt):
 class MLPRule(LearnedRule):
     """The update rule of :class:`MLPLOpt` at fixed ``meta_params`` (held by reference, so
     meta-gradients flow through :meth:`update`)."""
+
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"m", "v", "fac_row", "fac_col"})
 
     lopt: MLPLOpt = dataclasses.field(repr=False)
 

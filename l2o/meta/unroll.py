@@ -30,7 +30,7 @@ meta-parameters: pass ``rule`` as a function ``meta_params -> UpdateRule`` (``lo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -39,10 +39,21 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from l2o.meta.losses import EVAL_MODES, MetaLossTerms
-from l2o.optim.base import Params, UpdateRule, apply_updates
+from l2o.optim.base import Params, State, UpdateRule, apply_updates
 from l2o.tasks.base import Batch, Task
 
-Carry = dict[str, Any]
+
+class Carry(TypedDict):
+    """The population's inner-training state (a plain dict at run time; see the module
+    docstring). Every tensor has the population as its leading dim."""
+
+    params: Params
+    opt_state: State
+    step: Tensor
+    seeds: Tensor
+    initial_loss: Tensor
+
+
 RuleOrFactory = UpdateRule | Callable[[Params], UpdateRule]
 
 

@@ -8,10 +8,10 @@ schedulers, ``state_dict`` checkpoints and ``step(closure)`` loops work unchange
   a scheduler writes into a group (``lr``, ``momentum``, ``betas``) takes effect;
 - each group's params that have a gradient form the dict ``{str(index_in_group): tensor}`` the
   rule sees; params without a gradient are skipped, as ``torch.optim`` skips them;
-- state is created lazily. Per-parameter slots of the rule state go to ``state[p]`` under
-  their path (``"exp_avg"``, or ``"a/b"`` for a nested slot); the group's update counter
-  (``"step"``, an int64 tensor) and the rule's global slots (``"group:<path>"``) go to the state
-  of the group's first param;
+- state is created lazily. Per-parameter slots of the rule state (the paths the rule declares
+  in ``parameter_slots()``) go to ``state[p]`` under their path (``"exp_avg"``, or ``"a/b"``
+  for a nested slot); the group's update counter (``"step"``, an int64 tensor) and the rule's
+  global slots (``"group:<path>"``) go to the state of the group's first param;
 - updates are applied in place under ``no_grad``.
 
 One step counter per group, not per parameter as in ``torch.optim``: a parameter that first
@@ -152,7 +152,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         expected = {k: {} for k in loaded}
         with torch.no_grad():
             initial = self._group_rule(group).init({k: p.detach() for k, p in loaded.items()})
-        _store_state(initial, expected, None)
+        _store_state(initial, expected, None, self._group_rule(group).parameter_slots())
         for k, p in loaded.items():
             for slot, want in expected[k].items():
                 got = self.state[p].get(slot)
@@ -212,7 +212,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         )
         for k, p in live.items():
             p.add_(updates[k])
-        _store_state(new_state, {k: self.state[p] for k, p in live.items()}, anchor)
+        per_param = {k: self.state[p] for k, p in live.items()}
+        _store_state(new_state, per_param, anchor, rule.parameter_slots())
         anchor[STEP] = torch.tensor(step + 1)
         return True
 
@@ -229,7 +230,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         initial = rule.init({k: p.detach() for k, p in new.items()})
         first_update = STEP not in anchor
         _store_state(
-            initial, {k: self.state[p] for k, p in new.items()}, anchor if first_update else None
+            initial,
+            {k: self.state[p] for k, p in new.items()},
+            anchor if first_update else None,
+            rule.parameter_slots(),
         )
         if first_update:
             anchor[STEP] = torch.tensor(0)
@@ -294,18 +298,35 @@ def _has_slots(param_state: Mapping[str, Any]) -> bool:
 
 
 def _store_state(
-    state: State, per_param: Mapping[str, dict[str, Any]], anchor: dict[str, Any] | None
+    state: State,
+    per_param: Mapping[str, dict[str, Any]],
+    anchor: dict[str, Any] | None,
+    slots: frozenset[str] | None,
 ) -> None:
-    """Write ``state`` into ``per_param[k]`` (slots keyed like the params) and ``anchor``
-    (global slots; skipped when ``anchor`` is None)."""
+    """Write ``state`` into ``per_param[k]`` (the per-parameter slots: the paths in ``slots``
+    the rule declares, or, when it declares none, every dict keyed exactly like the params) and
+    ``anchor`` (global entries; skipped when ``anchor`` is None)."""
     keys = set(per_param)
+
+    def per_parameter(slot: str, value: Any) -> bool:
+        if slots is None:
+            return isinstance(value, Mapping) and bool(value) and set(value) == keys
+        if slot not in slots:
+            return False
+        if not isinstance(value, Mapping) or set(value) != keys:
+            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise ValueError(
+                f"state slot {slot!r} is declared per-parameter, but holds {got} for the "
+                f"parameters {sorted(keys)}: the rule's init/update and PARAMETER_SLOTS disagree"
+            )
+        return True
 
     def visit(node: Mapping[str, Any], path: str) -> None:
         for name, value in node.items():
             if _SEPARATOR in name or ":" in name or (not path and name == STEP):
                 raise ValueError(f"state slot name {name!r} is reserved by RuleOptimizer")
             slot = path + name
-            if isinstance(value, Mapping) and value and set(value) == keys:
+            if per_parameter(slot, value):
                 for k, tensor in value.items():
                     per_param[k][slot] = tensor
             elif isinstance(value, Mapping) and not value:

@@ -9,10 +9,14 @@ A rule is a pair of pure functions over dicts of tensors, in the spirit of optax
 Pure means no in-place mutation of inputs and no hidden globals, so that ``torch.func.vmap``
 runs a rule over a population of tasks and autograd differentiates through it.
 
-State is a dict whose values are tensors or nested dicts of the same kind. A nested dict keyed
-exactly like ``params`` is a *per-parameter slot* (e.g. Adam's ``{"mu": {name: tensor}}``); any
-other tensor is global to the rule (e.g. L-BFGS's history). The ``torch.optim`` adapter relies on
-this to store per-parameter slots in ``optimizer.state[p]`` as ``torch.optim`` does.
+State is a dict whose values are tensors or nested dicts of the same kind (plain dicts, so that
+vmap, autograd and ``torch.save(weights_only=True)`` handle them; ``TypedDict`` classes name their
+keys). A *per-parameter slot* is a nested dict keyed exactly like ``params`` (e.g. Adam's
+``{"exp_avg": {name: tensor}}``); anything else is global to the rule (e.g. L-BFGS's history).
+A rule declares its per-parameter slots in :meth:`UpdateRule.parameter_slots` (paths such as
+``"exp_avg"`` or ``"learned/m"``), and the ``torch.optim`` adapter stores them in
+``optimizer.state[p]`` as ``torch.optim`` does; for a rule that declares none, the adapter
+treats a dict keyed exactly like the params as a per-parameter slot.
 
 ``step`` is the 0-based index of the update being made (an ``int`` or a 0-dim tensor; inside a
 vmapped unroll each task may be at a different step). Rules with bias corrections use
@@ -125,6 +129,15 @@ class UpdateRule(ABC):
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    #: Paths (``"a/b"`` for nested dicts) of the state entries that are per-parameter slots, a
+    #: superset of what any configuration of the rule holds; ``None``: not declared.
+    PARAMETER_SLOTS: ClassVar[frozenset[str] | None] = None
+
+    def parameter_slots(self) -> frozenset[str] | None:
+        """The paths of this rule's per-parameter slots (see the module docstring); composite
+        rules (the guard) build theirs from their parts."""
+        return self.PARAMETER_SLOTS
 
 
 def apply_updates(params: Params, updates: Params) -> Params:

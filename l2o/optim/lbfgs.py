@@ -77,6 +77,8 @@ class LBFGS(UpdateRule):
 
     needs_loss_fn: ClassVar[bool] = True
     supports_complex: ClassVar[bool] = True
+    #: The history is one flat vector over all parameters: nothing is per-parameter.
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         check_hyperparameter("lr", self.lr)

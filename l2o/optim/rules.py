@@ -14,7 +14,7 @@ elementwise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -141,6 +141,8 @@ class SGD(_Rule):
     ICML 2013.
     """
 
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"momentum_buffer"})
+
     lr: LearningRate = 1e-3
     momentum: float = 0.0
     dampening: float = 0.0
@@ -202,6 +204,8 @@ class Adagrad(_Rule):
     optimization", JMLR 2011.
     """
 
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"sum"})
+
     lr: LearningRate = 1e-2
     lr_decay: float = 0.0
     weight_decay: float = 0.0
@@ -249,6 +253,8 @@ class Adadelta(_Rule):
 
     Zeiler, "ADADELTA: an adaptive learning rate method", arXiv:1212.5701, 2012.
     """
+
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"square_avg", "acc_delta"})
 
     lr: LearningRate = 1.0
     rho: float = 0.9
@@ -300,6 +306,10 @@ class RMSprop(_Rule):
     2012; centered variant: Graves, "Generating sequences with recurrent neural networks",
     arXiv:1308.0850, 2013.
     """
+
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset(
+        {"square_avg", "momentum_buffer", "grad_avg"}
+    )
 
     lr: LearningRate = 1e-2
     alpha: float = 0.99
@@ -373,6 +383,10 @@ class Adam(_Rule):
     & Kumar, "On the convergence of Adam and beyond", ICLR 2018; decoupled weight decay:
     Loshchilov & Hutter, "Decoupled weight decay regularization", ICLR 2019.
     """
+
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset(
+        {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    )
 
     lr: LearningRate = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -462,6 +476,8 @@ class Adamax(_Rule):
     Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015, section 7.1.
     """
 
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"exp_avg", "exp_inf"})
+
     lr: LearningRate = 2e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -510,6 +526,8 @@ class NAdam(_Rule):
 
     Dozat, "Incorporating Nesterov momentum into Adam", ICLR 2016 workshop.
     """
+
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"exp_avg", "exp_avg_sq"})
 
     lr: LearningRate = 2e-3
     betas: tuple[float, float] = (0.9, 0.999)
