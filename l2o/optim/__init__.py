@@ -11,7 +11,7 @@ The classes carry ``torch.optim``'s names (``l2o.optim.Adam`` is the optimizer c
 of the same names live in :mod:`l2o.optim.rules`.
 """
 
-from l2o.optim import lbfgs, rules, schedules
+from l2o.optim import lbfgs, muon, rules, schedules
 from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import UpdateRule, apply_updates
 from l2o.optim.lbfgs import LBFGSOptimizer as LBFGS
@@ -23,6 +23,7 @@ from l2o.optim.optimizers import (
     Adamax,
     AdamW,
     AMSGrad,
+    Muon,
     NAdam,
     RMSprop,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "Muon",
     "NAdam",
     "RMSprop",
     "RuleOptimizer",
@@ -45,6 +47,7 @@ __all__ = [
     "get",
     "get_class",
     "lbfgs",
+    "muon",
     "names",
     "register",
     "rules",

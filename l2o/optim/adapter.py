@@ -313,7 +313,8 @@ def _store_state(
             return isinstance(value, Mapping) and bool(value) and set(value) == keys
         if slot not in slots:
             return False
-        if not isinstance(value, Mapping) or set(value) != keys:
+        # A declared slot may hold some of the params only (Muon: matrices), never others.
+        if not isinstance(value, Mapping) or not set(value) <= keys:
             got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
             raise ValueError(
                 f"state slot {slot!r} is declared per-parameter, but holds {got} for the "

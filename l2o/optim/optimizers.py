@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from l2o.optim import rules
+from l2o.optim import muon, rules
 from l2o.optim.adapter import RuleOptimizer
-from l2o.optim.base import LearningRate
+from l2o.optim.base import LearningRate, UpdateRule
 
 __all__ = ["SGD", "AMSGrad", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RMSprop"]
 
@@ -190,4 +190,39 @@ class NAdam(RuleOptimizer):
         decoupled_weight_decay: bool = False,
     ) -> None:
         rule = rules.NAdam(lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay)
+        super().__init__(params, rule)
+
+
+class Muon(RuleOptimizer):
+    """``torch.optim.Muon`` on :class:`l2o.optim.muon.Muon`, for every parameter: matrices
+    (and conv weights, reshaped) get Muon, the other tensors ``other`` (default AdamW, lr 3e-4)
+    instead of an error. ``adjust_lr_fn=None`` is torch's "original" scaling."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: LearningRate = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = muon.NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        ns_dtype: str = "bfloat16",
+        other: UpdateRule | None = None,
+    ) -> None:
+        rule = muon.Muon(
+            lr,
+            weight_decay,
+            momentum,
+            nesterov,
+            tuple(ns_coefficients),
+            eps,
+            ns_steps,
+            adjust_lr_fn or "original",
+            ns_dtype,
+            **({"other": other} if other is not None else {}),
+        )
         super().__init__(params, rule)

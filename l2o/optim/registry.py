@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from l2o.optim import optimizers, rules
+from l2o.optim import muon, optimizers, rules
 from l2o.optim.base import UpdateRule
 from l2o.registry import Registry
 
@@ -99,3 +99,4 @@ register("adamw", rules.AdamW, optimizers.AdamW)
 register("amsgrad", rules.AMSGrad, optimizers.AMSGrad)
 register("adamax", rules.Adamax, optimizers.Adamax)
 register("nadam", rules.NAdam, optimizers.NAdam)
+register("muon", muon.Muon, optimizers.Muon)
