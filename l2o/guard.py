@@ -65,11 +65,20 @@ def _all_finite(tree: Any) -> Tensor:
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
-def _finite_or_fresh(new: State, fresh: State) -> tuple[State, Tensor]:
-    """``new`` if all of it is finite, else ``fresh`` (the rule's initial state), and whether
-    it was replaced; a ``torch.where`` per leaf, so it vmaps."""
+def _finite_or_fresh(new: State, fresh: Callable[[], State], batched: bool) -> tuple[State, Tensor]:
+    """``new`` if all of it is finite, else ``fresh()`` (the rule's initial state), and whether
+    it was replaced. ``batched`` (under vmap): a ``torch.where`` per leaf; otherwise one check,
+    and the initial state is built only when it is needed."""
     ok = _all_finite(new)
-    kept = tree_map(lambda a, b: torch.where(ok, a, b) if isinstance(a, Tensor) else a, new, fresh)
+    if not batched:
+        return (
+            (new, torch.zeros_like(ok, dtype=torch.int64))
+            if bool(ok)
+            else (fresh(), ok.new_ones((), dtype=torch.int64))
+        )
+    kept = tree_map(
+        lambda a, b: torch.where(ok, a, b) if isinstance(a, Tensor) else a, new, fresh()
+    )
     return kept, (~ok).long()
 
 
@@ -172,9 +181,12 @@ class GuardRule(UpdateRule):
         )
         learned_ok = _all_finite(learned_updates)
         fallback_ok = _all_finite(fallback_updates)
-        learned_state, learned_reset = _finite_or_fresh(learned_state, self.learned.init(params))
+        batched = isinstance(step, Tensor)  # vmapped unrolls pass tensor steps
+        learned_state, learned_reset = _finite_or_fresh(
+            learned_state, lambda: self.learned.init(params), batched
+        )
         fallback_state, fallback_reset = _finite_or_fresh(
-            fallback_state, self.fallback.init(params)
+            fallback_state, lambda: self.fallback.init(params), batched
         )
 
         if isinstance(step, Tensor):  # under vmap: no data-dependent skipping of the losses
