@@ -70,6 +70,8 @@ def _finite_or_fresh(new: State, fresh: Callable[[], State], batched: bool) -> t
     it was replaced. ``batched`` (under vmap): a ``torch.where`` per leaf; otherwise one check,
     and the initial state is built only when it is needed."""
     ok = _all_finite(new)
+    # Under any torch.func transform (vmap with an int step too) there is no Python bool.
+    batched = batched or torch._C._functorch.is_functorch_wrapped_tensor(ok)
     if not batched:
         return (
             (new, torch.zeros_like(ok, dtype=torch.int64))

@@ -294,7 +294,8 @@ def test_a_rank_killed_while_saving_leaves_the_previous_complete_set(tmp_path, m
     ("field", "value", "message"),
     [
         ("step", "abc", "step must be an integer"),
-        ("step", 10**6, "history has 2 rows for 1000000 outer steps"),
+        ("step", 10**6, "do not add up to the outer steps"),
+        ("applied_updates", 1, "do not add up to the outer steps"),
         ("history", {"a": 1}, "history must be a list"),
         ("wall_time", "now", "wall_time must be a number"),
         ("generator_state", torch.zeros(3, dtype=torch.uint8), "generator_state is not"),
@@ -458,3 +459,107 @@ def test_held_out_evaluation_shows_its_progress(capsys):
     evaluate(lopt, meta, family, seeds=[1, 2, 3], horizon=2, progress="held-out")
     err = capsys.readouterr().err
     assert "held-out" in err and "3/3" in err
+
+
+# --- found in review: each failed before its fix ------------------------------------------------
+
+
+def test_a_save_after_falling_back_to_prev_never_replaces_the_only_good_save(tmp_path, monkeypatch):
+    _trainer(tmp_path, steps=2, checkpoint_every=1).train()  # saves at steps 0, 1, 2
+    newest = tmp_path / resume_io.RESUME_FILE
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01  # the newest save is damaged
+    newest.write_bytes(bytes(data))
+    trainer = _trainer(tmp_path, steps=4, checkpoint_every=1)
+    with pytest.warns(UserWarning, match="resuming from resume.prev.pt"):
+        trainer.resume()
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume_io.durable, "write_with", dies)  # killed during its first save
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.undo()
+    assert sorted(resume_io.readable_steps(tmp_path)) == [1]  # the good save is still there
+
+
+def test_the_guard_vmaps_with_an_int_step():
+    rule = GuardRule(learned=get_rule("adam", lr=0.1), fallback=get_rule("sgd", lr=0.1))
+    params = {"w": torch.randn(3, 2)}
+    grads = {"w": torch.randn(3, 2)}
+
+    def member(g, s, p):
+        return rule.update(g, s, p, step=0, loss_fn=lambda q: (q["w"] ** 2).sum())
+
+    updates, _ = vmap(member)(grads, vmap(rule.init)(params), params)
+    assert updates["w"].shape == (3, 2) and bool(torch.isfinite(updates["w"]).all())
+
+
+def test_updating_a_stale_card_leaves_a_loadable_checkpoint(tmp_path):
+    from l2o.learned import LSTMLOpt, save_checkpoint
+    from l2o.learned.checkpoint import update_card
+
+    lopt = LSTMLOpt(hidden_size=3)
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "ck", lopt, meta)
+    old_card = (tmp_path / "ck.json").read_bytes()
+    newer = {k: v + 1 for k, v in meta.items()}
+    save_checkpoint(tmp_path / "ck", lopt, newer)
+    (tmp_path / "ck.json").write_bytes(old_card)  # killed between the two writes
+    with pytest.warns(StaleCardWarning):
+        update_card(tmp_path / "ck", {"eval": {"after": 1.0}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt card is consistent: no warning
+        _, loaded, card = load_checkpoint(tmp_path / "ck")
+    assert card["eval"] == {"after": 1.0} and all(torch.equal(loaded[k], newer[k]) for k in newer)
+
+
+@pytest.mark.parametrize("name", ["tbptt", "es", "pes"])
+def test_when_every_member_diverges_the_estimate_is_non_finite_and_skipped(name):
+    from _meta_fixtures import MomentumLOpt, Quadratic
+
+    from l2o.meta.estimators import get_estimator
+
+    lopt = MomentumLOpt(lr=1e30)
+    est = get_estimator(name, lopt=lopt, task=Quadratic(), population=2, truncation=20, horizon=40)
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    result = est.estimate(meta, est.init(meta, g), g)
+    assert not all(bool(torch.isfinite(v).all()) for v in result.grads.values())
+
+
+def test_a_signal_during_the_last_outer_step_finishes_the_run_normally(tmp_path):
+    import signal
+
+    from l2o.meta.trainer import MetaTrainer
+
+    trainer = MetaTrainer(
+        ToyLOpt(), _SignalAt(2, signal.SIGTERM), _adam(), outer_steps=3, seed=3, run_dir=tmp_path
+    )
+    result = trainer.train()  # the signal comes during step 3 of 3: nothing left to resume
+    assert len(result.history) == 3
+
+
+def test_resume_from_a_path_continues_in_that_run_and_never_into_another(tmp_path):
+    from l2o.cli.meta_train import ConfigError
+
+    run(_cfg(tmp_path / "a", "outer_steps=2", "eval.seeds=0"))
+    run(_cfg(tmp_path / "b", "outer_steps=2", "eval.seeds=0"))
+    source = tmp_path / "a" / "run"
+    other = _snapshot(tmp_path / "b")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        command = [f"resume={source}", f"run_dir={tmp_path / 'b' / 'run'}", "outer_steps=3"]
+        run(_cfg(tmp_path / "b", "outer_steps=3", f"resume={source}"), command)
+    assert _snapshot(tmp_path / "b") == other
+    # Without run_dir on the command line, resume=<path> continues the run where it is.
+    command = [f"resume={source}", "outer_steps=3"]
+    done = run(_cfg(tmp_path / "c", "outer_steps=3", f"resume={source}"), command)
+    assert done["run_dir"] == source and len(done["history"]) == 3
+
+
+def test_eval_first_seed_is_checked_before_any_work(tmp_path):
+    from l2o.cli.meta_train import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^eval\.first_seed: must be an integer"):
+        run(_cfg(tmp_path, "eval.first_seed=abc"))

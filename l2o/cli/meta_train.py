@@ -168,6 +168,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, An
     else:
         source = run_dir if resume is True else Path(resume)
         saved, path = _saved_run(source, rank)
+        folder = source if source.is_dir() else source.parent
+        if resume is not True and not _names(overrides, "run_dir"):
+            run_dir = folder  # resume=<path> alone continues that run where it is
+            cfg = OmegaConf.merge(cfg, {"run_dir": str(folder)})
         cfg = resumed_config(saved.get("config", {}), cfg, overrides)
         validate_config(cfg)
         if saved.get("step", 0) >= cfg.outer_steps:
@@ -175,9 +179,21 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, An
                 f"the run in {path.parent} already finished {saved['step']} outer steps; raise "
                 f"outer_steps (now {cfg.outer_steps}) to continue it"
             )
-        if resume is True:
-            path = None  # the trainer picks the newest step saved completely on every rank
+        if folder.resolve() != run_dir.resolve():
+            # A new run branching off another's save: its run_dir must not hold a third run,
+            # and it gets a W&B run of its own.
+            _check_fresh_run_dir(cfg, run_dir)
+            saved = {**saved, "tracker_run_id": None}
+        if source.is_dir():
+            path = source  # the trainer picks the newest step saved completely on every rank
     return _train(cfg, run_dir, path, saved if resume is not False else None)
+
+
+def _names(overrides: Sequence[str] | None, key: str) -> bool:
+    """Whether the command line's ``overrides`` set ``key`` (``None``: the config is explicit)."""
+    if overrides is None:
+        return True
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
 
 
 def _train(cfg: DictConfig, run_dir: Path, resume_path: Path | None, saved) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -345,7 +346,14 @@ def update_card(path: str | os.PathLike, entries: Mapping[str, Any]) -> dict:
     clash = sorted(RESERVED_KEYS & set(entries))
     if clash:
         raise CheckpointError(f"update_card may not change the reserved card keys {clash}")
-    _, card = _load_card_and_identity(path)
+    tensors_path, card = _load_card_and_identity(path)
+    if card.get("_stale"):  # rebuild what the stale card cannot vouch for from the tensors file
+        card.update(
+            sha256=_file_sha256(tensors_path),
+            tensors=_read_header(tensors_path)[1],
+            id=checkpoint_id(card),
+            provenance={"card_rebuilt_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        )
     new, non_finite = non_finite_to_null(dict(entries))
     card = {**card, **new}
     if non_finite:

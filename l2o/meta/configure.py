@@ -216,6 +216,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("estimator.meta_loss", "eval.meta_loss"):
         _one_of(cfg, key, list(META_LOSSES), "meta-loss")
     _int(cfg, "eval.seeds", low=0, high=MAX_POPULATION)
+    _int(cfg, "eval.first_seed", low=0, high=MAX_SEED)
     _int(cfg, "eval.horizon", low=1, high=MAX_INNER_STEPS)
 
 

@@ -347,7 +347,8 @@ class TruncatedBPTT(TruncatedEstimator):
             # A diverged member is masked out (it restarts); the others' mean is the objective.
             finite = torch.isfinite(meta_losses.detach())
             kept = torch.where(finite, meta_losses, torch.zeros_like(meta_losses))
-            objective = kept.sum() / finite.sum().clamp(min=1)
+            # With every member diverged, the objective is NaN: the trainer skips the step.
+            objective = kept.sum() / finite.sum() if bool(finite.any()) else meta_losses.sum()
             if objective.requires_grad:
                 found = torch.autograd.grad(objective, list(meta.values()), allow_unused=True)
             else:  # the meta-loss does not depend on the meta-parameters at all
@@ -412,8 +413,10 @@ class ES(TruncatedEstimator):
         diff = meta_losses[: self.pairs] - meta_losses[self.pairs :]
         # A pair with a diverged member is left out (it restarts), the rest averaged.
         finite = torch.isfinite(diff)
+        if not bool(finite.any()):  # nothing to learn from: a non-finite estimate (skipped)
+            return {k: torch.full_like(d[0], math.nan) for k, d in directions.items()}
         diff = torch.where(finite, diff, torch.zeros_like(diff))
-        scale = 2.0 * self.sigma * max(int(finite.sum()), 1)
+        scale = 2.0 * self.sigma * int(finite.sum())
         return {
             k: torch.tensordot(diff.to(d.dtype), d, dims=1) / scale for k, d in directions.items()
         }

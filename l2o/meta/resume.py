@@ -69,20 +69,31 @@ def save_resume_file(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return durable.write_with(path, lambda f: torch.save(wrapped, f))
 
 
-def rotate_and_save(state: Mapping[str, Any], run_dir: str | os.PathLike, rank: int = 0) -> Path:
-    """Keep this rank's newest file as its previous one, then save ``state`` as the newest.
+def rotate_and_save(
+    state: Mapping[str, Any],
+    run_dir: str | os.PathLike,
+    rank: int = 0,
+    current: Path | None = None,
+) -> Path:
+    """Keep the save this run continues from as this rank's previous file, then save ``state``
+    as the newest.
 
-    The newest name never disappears: ``prev`` becomes a second link to it (a copy where links
-    are not supported) before the new file replaces it atomically.
+    ``current`` is the file the run's state came from when that is not the newest one (a
+    resume that fell back to ``prev`` because the newest was damaged or ahead of another rank's;
+    an explicit resume file): it, not the newest, becomes ``prev``, so the one good save is never
+    replaced before the new one is complete. The newest name never disappears: ``prev`` becomes
+    a second link to the kept file (a copy where links are not supported, or from elsewhere)
+    before the new file replaces the newest atomically.
     """
     newest, previous = rank_files(run_dir, rank)
-    if newest.is_file():
+    keep = newest if current is None else Path(current)
+    if keep.is_file() and keep.resolve() != previous.resolve():
         link = previous.with_name(f".{previous.name}.link.tmp")
         link.unlink(missing_ok=True)
         try:
-            os.link(newest, link)
+            os.link(keep, link)
         except OSError:
-            shutil.copy2(newest, link)
+            shutil.copy2(keep, link)
         os.replace(link, previous)
         durable.fsync_dir(newest.parent)
     return save_resume_file(state, newest)
@@ -202,8 +213,11 @@ def check_fields(state: Mapping[str, Any], source: str) -> None:
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ResumeError(f"{source}: {key} must be an integer >= 0, got {value!r}")
-    if state["applied_updates"] + state["skipped_nonfinite"] > state["step"]:
-        raise ResumeError(f"{source}: more updates than outer steps; the file was tampered with")
+    if state["applied_updates"] + state["skipped_nonfinite"] != state["step"]:
+        raise ResumeError(
+            f"{source}: applied and skipped updates do not add up to the outer steps; the file "
+            "was tampered with"
+        )
     if not isinstance(state["wall_time"], (int, float)) or isinstance(state["wall_time"], bool):
         raise ResumeError(f"{source}: wall_time must be a number")
     history = state["history"]
@@ -232,10 +246,14 @@ def check_same_tree(expected: Any, got: Any, source: str, depth: int | None = No
                 expected[k], got[k], f"{source}.{k}", None if depth is None else depth - 1
             )
     elif isinstance(expected, torch.Tensor) and (
-        not isinstance(got, torch.Tensor) or got.shape != expected.shape
+        not isinstance(got, torch.Tensor)
+        or got.shape != expected.shape
+        or got.dtype != expected.dtype
     ):
-        shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        raise ResumeError(f"{source} is {shape}, expected a tensor {list(expected.shape)}")
+        what = (
+            f"{got.dtype}{list(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
+        )
+        raise ResumeError(f"{source} is {what}, expected {expected.dtype}{list(expected.shape)}")
 
 
 def check_same_structure(expected: Params, got: Any, source: str) -> None:

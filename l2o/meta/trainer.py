@@ -43,12 +43,11 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from l2o.learned.base import LOpt
-from l2o.learned.checkpoint import save_checkpoint
+from l2o.learned.checkpoint import CheckpointError, save_checkpoint
 from l2o.meta.base import EstimatorState, GradientEstimator
 from l2o.meta.distributed import (
     World,
     all_reduce_mean,
-    barrier,
     broadcast,
     mean_metrics,
     resolve_device,
@@ -256,6 +255,8 @@ class MetaTrainer:
         self.skipped_nonfinite = 0
         self.history: list[dict[str, float]] = []
         self.wall_time = 0.0
+        #: The resume file this run's state came from, until its first own save.
+        self._resumed_from: Path | None = None
 
     # --- the outer step -------------------------------------------------------------------
 
@@ -326,7 +327,7 @@ class MetaTrainer:
                     due = self.checkpoint_every and self.step % self.checkpoint_every == 0
                     if last or due or stopping:
                         self.save()
-                    if stopping:
+                    if stopping and not last:  # the run is complete: finish normally
                         raise MetaTrainingInterrupted(
                             stop.signum or signal.SIGTERM, self.step, self.run_dir
                         )
@@ -339,6 +340,10 @@ class MetaTrainer:
             skipped_nonfinite=self.skipped_nonfinite,
             run_dir=self.run_dir,
         )
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on every rank (a barrier in a distributed run)."""
+        return not self._any_rank(not flag)
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank (every rank must stop at the same step)."""
@@ -420,9 +425,18 @@ class MetaTrainer:
         path = Path(path)
         if path.is_dir():
             path = newest_complete_save(path, self.world)
-        elif self.world.rank > 0 and path.name == RESUME_FILE:
-            path = path.with_name(resume_file_name(self.world.rank))
-        self.load_state_dict(load_resume_file(path, self.device), source=str(path))
+        elif self.world.rank > 0 and path.name in (RESUME_FILE, resume_file_name(0, True)):
+            path = path.with_name(resume_file_name(self.world.rank, path.name != RESUME_FILE))
+        failure: ResumeError | None = None
+        try:
+            self.load_state_dict(load_resume_file(path, self.device), source=str(path))
+        except ResumeError as err:
+            failure = err
+        # Every rank raises together: one rank failing alone would leave the others waiting
+        # in the collectives below forever.
+        if not self._all_ranks(failure is None):
+            raise failure or ResumeError(f"another rank could not resume ({path.parent})")
+        self._resumed_from = path
         if self.world.distributed:
             steps = torch.tensor([self.step, -self.step], device=self.device)
             torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
@@ -438,12 +452,19 @@ class MetaTrainer:
         ``checkpoint``, a learned-optimizer checkpoint of the current meta-parameters."""
         if self.run_dir is None:
             return
-        if checkpoint and self.world.is_main:
-            self.save_lopt_checkpoint(self.run_dir / CHECKPOINT_DIR / f"step_{self.step:06d}")
-            self.save_lopt_checkpoint(self.run_dir / CHECKPOINT_DIR / "last")
-        rotate_and_save(self.state_dict(), self.run_dir, self.world.rank)
-        # No rank rotates again before every rank has this save complete on disk.
-        barrier(self.world)
+        failure: CheckpointError | None = None
+        try:
+            if checkpoint and self.world.is_main:
+                self.save_lopt_checkpoint(self.run_dir / CHECKPOINT_DIR / f"step_{self.step:06d}")
+                self.save_lopt_checkpoint(self.run_dir / CHECKPOINT_DIR / "last")
+            rotate_and_save(self.state_dict(), self.run_dir, self.world.rank, self._resumed_from)
+        except CheckpointError as err:
+            failure = err
+        # No rank rotates again before every rank has this save complete on disk; and a rank
+        # that failed to save stops every rank (instead of leaving them waiting).
+        if not self._all_ranks(failure is None):
+            raise failure or CheckpointError("another rank failed to save; see its error")
+        self._resumed_from = None  # the newest file is now this run's own
 
     def save_lopt_checkpoint(self, path: str | os.PathLike) -> None:
         """The learned optimizer at the current meta-parameters, with a provenance card."""

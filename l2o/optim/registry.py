@@ -1,5 +1,5 @@
 """Optimizers by name: ``get("adam", lr=1e-3)`` gives the rule, ``get_class("adam")`` the
-``torch.optim`` class. Configs in ``configs/optim/`` build rules through :func:`get`.
+``torch.optim`` class. Configs in ``configs/optim/`` instantiate the rule classes directly.
 
 A name is a rule class, its ``torch.optim`` class and optional defaults that differ from the
 rule's own (``momentum`` is SGD with ``momentum=0.9``).
