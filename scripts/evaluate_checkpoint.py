@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from l2o.cli.meta_train import build, compose_config
 from l2o.eval.curves import compare_with_tuned, training_curves, windowed_mean
 from l2o.guard import GuardRule
 from l2o.learned.checkpoint import checkpoint_id, load_checkpoint, resolve_checkpoint
+from l2o.meta.configure import build, compose_config
 from l2o.optim import registry
 from l2o.tasks.suites import HELD_OUT_SEED
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
-from l2o.cli.meta_train import ConfigError, build, compose_config, run
+from l2o.cli.meta_train import run
 from l2o.learned.checkpoint import load_checkpoint
+from l2o.meta.configure import ConfigError, build, compose_config
 from l2o.meta.trainer import ResumeError
 
 
@@ -24,7 +25,7 @@ def _cfg(tmp_path, *overrides):
 @pytest.mark.parametrize("experiment", ["default", "smoke", "mlp_family"])
 @pytest.mark.parametrize("estimator", ["tbptt", "es", "pes"])
 def test_every_experiment_and_estimator_composes_and_validates(tmp_path, experiment, estimator):
-    from l2o.cli.meta_train import validate_config
+    from l2o.meta.configure import validate_config
 
     cfg = _cfg(tmp_path, f"experiment={experiment}", f"estimator={estimator}")
     validate_config(cfg)
@@ -40,7 +41,7 @@ def test_smoke_run_writes_checkpoints_that_load(tmp_path):
     assert lopt.name == "mlp"
     for k, v in result["meta_params"].items():
         assert torch.equal(meta_params[k], v.cpu())
-    assert card["config"]["estimator"]["name"] == "tbptt"
+    assert card["config"]["estimator"]["_target_"] == "l2o.meta.estimators.TruncatedBPTT"
     assert card["provenance"]["outer_step"] == 3
     assert result["eval_before"] is not None and result["eval_after"] is not None
 
@@ -79,7 +80,8 @@ def test_fresh_run_refuses_to_clobber_an_existing_run_unless_told(tmp_path):
             ["estimator.truncation=50", "estimator.horizon=20"],
             r"^estimator\.truncation: estimator\.truncation=50 > estimator\.horizon=20 \(a trunc",
         ),
-        (["estimator.name=sgd"], r"^estimator\.name: unknown estimator estimator\.name=sgd \(kno"),
+        (["estimator._target_=l2o.meta.estimators.SGD"], r"^estimator\._target_: unknown est"),
+        (["estimator._target_=l2o.learned.MLPLOpt"], r"is not a TruncatedEstimator"),
         (["estimator.population=0"], r"^estimator\.population: must be positive"),
         (["estimator.population=100000000"], r"^estimator\.population: must be <= 65,536"),
         (["estimator.horizon=10000000000"], r"^estimator\.horizon: must be <= 10,000,000"),
@@ -185,7 +187,7 @@ def test_offline_wandb_run_holds_the_trainers_metrics(tmp_path):
     ):
         assert all(key in r for r in rows), key
     assert logged["summary"]["eval_meta_loss_final"] == pytest.approx(result["eval_after"])
-    assert logged["config"]["estimator"]["name"] == "tbptt"
+    assert logged["config"]["estimator"]["_target_"].endswith("TruncatedBPTT")
 
 
 def test_missing_config_directory_is_reported(tmp_path, monkeypatch):
@@ -235,19 +237,25 @@ def test_shipped_default_checkpoint_was_trained_by_the_experiment_config_that_cl
     """configs/experiment/mnist1d_mlp.yaml must stay the recipe of checkpoints/default."""
     from omegaconf import OmegaConf
 
-    from l2o.cli.meta_train import build
     from l2o.learned.checkpoint import resolve_checkpoint
+    from l2o.meta.configure import build
 
     recipe = compose_config("experiment=mnist1d_mlp")
     _, _, card = load_checkpoint(resolve_checkpoint("default"))
     # The card records the config as it was; what it builds must be what the recipe builds.
     shipped = OmegaConf.create(card["config"])
     shipped.outer_optim = _as_direct_rule_config(card["config"]["outer_optim"])
+    shipped.estimator = _as_direct_estimator_config(card["config"]["estimator"])
     built = [build(c, "cpu") for c in (shipped, recipe)]
     assert built[0]["outer_rule"] == built[1]["outer_rule"]
+    estimators = [b["estimator"] for b in built]
+    assert type(estimators[0]) is type(estimators[1])
+    for attr in ("population", "truncation", "horizon", "horizon_schedule", "min_horizon"):
+        assert getattr(estimators[0], attr) == getattr(estimators[1], attr), attr
+    assert estimators[0].meta_loss.name == estimators[1].meta_loss.name
     assert built[0]["lopt"].config() == built[1]["lopt"].config()
     assert repr(built[0]["task"]) == repr(built[1]["task"])
-    for key in ("seed", "estimator", "meta_grad_clip", "init_from", "outer_steps"):
+    for key in ("seed", "meta_grad_clip", "init_from", "outer_steps"):
         assert card["config"].get(key) == OmegaConf.to_container(recipe, resolve=True)[key], key
     assert card["provenance"]["outer_step"] == recipe.outer_steps
 
@@ -262,3 +270,15 @@ def _as_direct_rule_config(old: dict) -> dict:
     rule_cls = registry._REGISTRY[old["name"]].rule_cls
     fields = {k: v for k, v in old.items() if k not in ("_target_", "name")}
     return {"_target_": f"{rule_cls.__module__}.{rule_cls.__qualname__}", **fields}
+
+
+def _as_direct_estimator_config(old: dict) -> dict:
+    """Estimator configs before they instantiated their classes directly went through
+    ``l2o.meta.estimators.get_estimator`` with a ``name``."""
+    if old.get("_target_") != "l2o.meta.estimators.get_estimator":
+        return old
+    from l2o.meta.estimators import ESTIMATORS
+
+    cls = ESTIMATORS[old["name"]]
+    fields = {k: v for k, v in old.items() if k not in ("_target_", "name")}
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **fields}

@@ -393,7 +393,7 @@ def test_sigterm_saves_and_the_printed_resume_command_continues_the_run(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     card = json.loads((run_dir / "checkpoints" / "last.json").read_text())
     assert card["provenance"]["outer_step"] == step + 2
-    assert card["config"]["estimator"]["name"] == "es"
+    assert card["config"]["estimator"]["_target_"] == "l2o.meta.estimators.ES"
 
 
 def test_a_refused_command_changes_nothing_and_creates_nothing(tmp_path):
@@ -542,7 +542,7 @@ def test_a_signal_during_the_last_outer_step_finishes_the_run_normally(tmp_path)
 
 
 def test_resume_from_a_path_continues_in_that_run_and_never_into_another(tmp_path):
-    from l2o.cli.meta_train import ConfigError
+    from l2o.meta.configure import ConfigError
 
     run(_cfg(tmp_path / "a", "outer_steps=2", "eval.seeds=0"))
     run(_cfg(tmp_path / "b", "outer_steps=2", "eval.seeds=0"))
@@ -559,7 +559,7 @@ def test_resume_from_a_path_continues_in_that_run_and_never_into_another(tmp_pat
 
 
 def test_eval_first_seed_is_checked_before_any_work(tmp_path):
-    from l2o.cli.meta_train import ConfigError
+    from l2o.meta.configure import ConfigError
 
     with pytest.raises(ConfigError, match=r"^eval\.first_seed: must be an integer"):
         run(_cfg(tmp_path, "eval.first_seed=abc"))

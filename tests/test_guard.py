@@ -396,9 +396,9 @@ def test_guard_keeps_the_shipped_optimizer_convergent_far_beyond_its_meta_traini
 def test_shipped_checkpoint_beats_tuned_adam_on_held_out_seeds_of_its_family():
     """The model card's claim, on 8 of its 32 held-out seeds: the unguarded learned optimizer
     reaches tuned Adam's final training loss in at most 60% of Adam's 200 steps."""
-    from l2o.cli.meta_train import build, compose_config
     from l2o.eval.curves import compare_with_tuned
     from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
+    from l2o.meta.configure import build, compose_config
     from l2o.tasks.suites import HELD_OUT_SEED
 
     cfg = compose_config("experiment=mnist1d_mlp")

@@ -157,7 +157,7 @@ def _run_dir(cfg: DictConfig) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check everything that can be checked without building anything; raise ConfigError."""
     from l2o.learned.base import LOpt
-    from l2o.meta.estimators import ESTIMATORS, HORIZON_SCHEDULES
+    from l2o.meta.estimators import HORIZON_SCHEDULES, TruncatedEstimator
     from l2o.meta.losses import META_LOSSES
     from l2o.optim.base import UpdateRule
     from l2o.tasks.base import Task, TaskFamily
@@ -189,7 +189,8 @@ def validate_config(cfg: DictConfig) -> None:
     _target(cfg, "task", (Task, TaskFamily))
     _target(cfg, "outer_optim", (UpdateRule,))
 
-    name = _one_of(cfg, "estimator.name", list(ESTIMATORS), "estimator")
+    estimator_cls = _target(cfg, "estimator", (TruncatedEstimator,))
+    name = getattr(estimator_cls, "name", "estimator")
     population = _int(cfg, "estimator.population", low=1, high=MAX_POPULATION)
     truncation = _int(cfg, "estimator.truncation", low=1, high=MAX_INNER_STEPS)
     horizon = _int(cfg, "estimator.horizon", low=1, high=MAX_INNER_STEPS)
@@ -205,7 +206,7 @@ def validate_config(cfg: DictConfig) -> None:
             "estimator.min_horizon",
             f"estimator.min_horizon={min_horizon} > estimator.horizon={horizon}",
         )
-    if ESTIMATORS[name].antithetic and population % 2:
+    if getattr(estimator_cls, "antithetic", False) and population % 2:
         raise ConfigError(
             "estimator.population",
             f"estimator.population={population} must be even for {name}",

@@ -64,7 +64,8 @@ def write_report(
     plot = plot_history(history, stem.with_suffix(".png"))
     config = card.get("config", {})
     prov = card.get("provenance", {})
-    estimator = config.get("estimator", {})
+    estimator = dict(config.get("estimator", {}))
+    estimator.setdefault("name", str(estimator.get("_target_", "?")).rpartition(".")[2])
     lines = [
         f"# Model card: `{stem.name}` ({card.get('id', '?')})",
         "",
