@@ -57,7 +57,7 @@ def test_guard_with_an_sgd_fallback_steps_and_round_trips_its_state():
     opt = l2o.GuardedLearnedOptimizer(
         model.parameters(), fallback="sgd", fallback_kwargs={"lr": 0.05}
     )
-    losses = [float(opt.step(_closure(opt, model, x, y))) for _ in range(10)]
+    losses = [float(opt.step(_closure(opt, model, x, y)).detach()) for _ in range(10)]
     stats = opt.guard_stats
     assert stats["learned_steps"] + stats["fallback_steps"] == 10
     assert losses[-1] < losses[0]
