@@ -65,19 +65,15 @@ def _all_finite(tree: Any) -> Tensor:
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
-def _finite_or_fresh(new: State, fresh: Callable[[], State], batched: bool) -> tuple[State, Tensor]:
+def _finite_or_fresh(new: State, fresh: Callable[[], State]) -> tuple[State, Tensor]:
     """``new`` if all of it is finite, else ``fresh()`` (the rule's initial state), and whether
-    it was replaced. ``batched`` (under vmap): a ``torch.where`` per leaf; otherwise one check,
-    and the initial state is built only when it is needed."""
+    it was replaced. Eagerly, one check, and the initial state is built only when needed; under
+    a ``torch.func`` transform (vmap) there is no Python bool: a ``torch.where`` per leaf."""
     ok = _all_finite(new)
-    # Under any torch.func transform (vmap with an int step too) there is no Python bool.
-    batched = batched or torch._C._functorch.is_functorch_wrapped_tensor(ok)
-    if not batched:
-        return (
-            (new, torch.zeros_like(ok, dtype=torch.int64))
-            if bool(ok)
-            else (fresh(), ok.new_ones((), dtype=torch.int64))
-        )
+    if not torch._C._functorch.is_functorch_wrapped_tensor(ok):
+        if bool(ok):
+            return new, torch.zeros_like(ok, dtype=torch.int64)
+        return fresh(), torch.ones_like(ok, dtype=torch.int64)
     kept = tree_map(
         lambda a, b: torch.where(ok, a, b) if isinstance(a, Tensor) else a, new, fresh()
     )
@@ -183,12 +179,11 @@ class GuardRule(UpdateRule):
         )
         learned_ok = _all_finite(learned_updates)
         fallback_ok = _all_finite(fallback_updates)
-        batched = isinstance(step, Tensor)  # vmapped unrolls pass tensor steps
         learned_state, learned_reset = _finite_or_fresh(
-            learned_state, lambda: self.learned.init(params), batched
+            learned_state, lambda: self.learned.init(params)
         )
         fallback_state, fallback_reset = _finite_or_fresh(
-            fallback_state, lambda: self.fallback.init(params), batched
+            fallback_state, lambda: self.fallback.init(params)
         )
 
         if isinstance(step, Tensor):  # under vmap: no data-dependent skipping of the losses

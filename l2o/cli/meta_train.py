@@ -31,6 +31,7 @@ from l2o.meta.configure import (
     ConfigError,
     build,
     compose_config,
+    override_keys,
     resumed_config,
     validate_config,
 )
@@ -114,14 +115,13 @@ def _clear_run(run_dir: Path) -> None:
 
 def _saved_run(source: Path, rank: int) -> tuple[dict, Path]:
     """The state of the newest readable resume file of ``source`` (a run dir or a file)."""
-    from l2o.meta.resume import ResumeError, load_resume_file, rank_files, readable_steps
+    from l2o.meta.resume import load_resume_file, no_readable_save, readable_steps
 
     if source.is_file():
         return load_resume_file(source), source
     steps = readable_steps(source, rank)
     if not steps:
-        load_resume_file(rank_files(source, rank)[0])  # raises what is wrong
-        raise ResumeError(f"no readable resume file in {source}")  # pragma: no cover
+        raise no_readable_save(source, rank)
     path = steps[max(steps)]
     return load_resume_file(path), path
 
@@ -191,9 +191,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, An
 
 def _names(overrides: Sequence[str] | None, key: str) -> bool:
     """Whether the command line's ``overrides`` set ``key`` (``None``: the config is explicit)."""
-    if overrides is None:
-        return True
-    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
+    return overrides is None or key in override_keys(overrides)
 
 
 def _train(cfg: DictConfig, run_dir: Path, resume_path: Path | None, saved) -> dict[str, Any]:

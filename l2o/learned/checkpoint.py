@@ -260,11 +260,6 @@ def _lopt_from_spec(spec: Mapping[str, Any], where: str) -> LOpt:
     return lopt
 
 
-def default_provenance() -> dict[str, Any]:
-    """Versions, time and machine recorded in every card (callers add config, step, ...)."""
-    return provenance()
-
-
 # --- saving -------------------------------------------------------------------------------------
 
 
@@ -289,7 +284,7 @@ def save_checkpoint(
 
     ``extra_card`` adds JSON-serialisable entries to the card (e.g. ``{"provenance": {"config":
     ..., "step": ...}, "description": ...}``); its ``provenance`` is merged over
-    :func:`default_provenance`; NaN/inf floats in it are written as ``null`` and listed under
+    :func:`l2o.provenance.provenance`; NaN/inf floats in it are written as ``null`` and listed under
     ``"non_finite"``. Raises :class:`CheckpointError` if ``meta_params`` do not have the names
     and shapes ``lopt.init_meta`` produces or are not finite, or ``extra_card`` is not plain JSON.
     """
@@ -328,7 +323,7 @@ def save_checkpoint(
         "tensors_sha256": digest,
         "sha256": hashlib.sha256(data).hexdigest(),
         "tensors": _tensor_specs(tensors),
-        "provenance": {**default_provenance(), **caller_provenance},
+        "provenance": {**provenance(), **caller_provenance},
         **extra,
     }
     if non_finite:
@@ -346,11 +341,11 @@ def update_card(path: str | os.PathLike, entries: Mapping[str, Any]) -> dict:
     clash = sorted(RESERVED_KEYS & set(entries))
     if clash:
         raise CheckpointError(f"update_card may not change the reserved card keys {clash}")
-    tensors_path, card = _load_card_and_identity(path)
+    tensors_path, card, specs = _load_card_and_identity(path)
     if card.get("_stale"):  # rebuild what the stale card cannot vouch for from the tensors file
         card.update(
             sha256=_file_sha256(tensors_path),
-            tensors=_read_header(tensors_path)[1],
+            tensors=specs,
             id=checkpoint_id(card),
             provenance={"card_rebuilt_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         )
@@ -446,9 +441,10 @@ def _spec_difference(card_spec: Any, stored: Mapping[str, Any]) -> str:
     )
 
 
-def _load_card_and_identity(path: str | os.PathLike) -> tuple[Path, dict]:
-    """``(tensors_path, card)``: the card reconciled with the tensors file's embedded identity
-    (which wins when the card is stale or missing), before any tensor is read."""
+def _load_card_and_identity(path: str | os.PathLike) -> tuple[Path, dict, dict]:
+    """``(tensors_path, card, tensor specs of the file's header)``: the card reconciled with
+    the tensors file's embedded identity (which wins when the card is stale or missing), before
+    any tensor is read."""
     tensors_path, card_path = checkpoint_paths(path)
     card = _read_card(card_path)
     base = str(card_path)[: -len(CARD_SUFFIX)]
@@ -458,7 +454,7 @@ def _load_card_and_identity(path: str | os.PathLike) -> tuple[Path, dict]:
             f"no l2o checkpoint at {base!r}: {what or f'expected {card_path.name} and'} "
             f"{tensors_path.name} written by l2o.learned.save_checkpoint; copy both files together"
         )
-    metadata, _ = _read_header(tensors_path)
+    metadata, specs = _read_header(tensors_path)
     embedded = _embedded_identity(metadata, str(tensors_path))
     if embedded is None:  # format version 1: the card is the only record of the lopt
         if card is not None and card["format_version"] >= 2:
@@ -472,7 +468,7 @@ def _load_card_and_identity(path: str | os.PathLike) -> tuple[Path, dict]:
                 f"{card_path.name} is missing; copy both files together"
             )
         card = dict(card, lopt=_check_spec(card.get("lopt"), str(card_path)))
-        return tensors_path, card
+        return tensors_path, card, specs
     spec, digest = embedded
     if card is None or card.get("tensors_sha256") != digest:
         warnings.warn(
@@ -495,7 +491,7 @@ def _load_card_and_identity(path: str | os.PathLike) -> tuple[Path, dict]:
             "or was replaced; copy it again or re-save the checkpoint"
         )
     card = dict(card, lopt=spec, tensors_sha256=digest)
-    return tensors_path, card
+    return tensors_path, card, specs
 
 
 def load_checkpoint(
@@ -512,12 +508,11 @@ def load_checkpoint(
     finite. ``map_location``: device for the tensors (default CPU). The returned card carries
     ``id`` (:func:`checkpoint_id`). Raises :class:`CheckpointError` on any failure.
     """
-    tensors_path, card = _load_card_and_identity(path)
+    tensors_path, card, got = _load_card_and_identity(path)
     where = str(checkpoint_paths(path)[1])
     lopt = _lopt_from_spec(card["lopt"], where)
     want = expected_specs(lopt)
     _check_size(want, lopt, where)
-    _, got = _read_header(tensors_path)
     problem = _describe_mismatch(got, want, lopt)
     stale = card.pop("_stale", False)
     if problem is None and not stale and card.get("tensors", got) != got:

@@ -287,22 +287,18 @@ def resumed_config(
     ``overrides=None`` (a config built in code) takes every non-resume key from ``cfg``. An
     override that would change a resume key raises :class:`ConfigError`.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     current = OmegaConf.to_container(cfg, resolve=True)
     changed = changed_resume_keys(saved, current)
     if overrides is None:
         keys = [k for k in current if k not in RESUME_KEYS]
+        touched = True
     else:
-        keys = []
-        for override in OverridesParser.create().parse_overrides(list(overrides)):
-            key = override.key_or_group
-            top = key.split(".")[0]
-            if top in _GROUPS or top in RESUME_KEYS:
-                continue  # checked below through the resume keys it would change
-            keys.append(key)
+        named = override_keys(overrides)
+        # Groups and resume keys are checked through the resume keys they would change.
+        keys = [k for k in named if k.split(".")[0] not in (*_GROUPS, *RESUME_KEYS)]
         keys += [k for k in _COMMAND_KEYS if k not in keys]
-    if changed and (overrides is None or _touches(overrides, changed)):
+        touched = any(k.split(".")[0] in (*changed, *_GROUPS) for k in named)
+    if changed and touched:
         raise ConfigError(
             changed[0],
             f"the run being resumed was made with another {', '.join(changed)}",
@@ -320,12 +316,9 @@ def resumed_config(
     return merged
 
 
-def _touches(overrides: Sequence[str], keys: Sequence[str]) -> bool:
-    """Whether any override names one of ``keys`` or a group that sets them."""
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys (or config groups) Hydra command-line ``overrides`` set, parsed by Hydra's own
+    parser (``+a.b=1`` -> ``a.b``, ``optim@outer_optim=sgd`` -> ``optim``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        top = override.key_or_group.split(".")[0]
-        if top in keys or top in _GROUPS:
-            return True
-    return False
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]

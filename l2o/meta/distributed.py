@@ -122,8 +122,3 @@ def broadcast(tree: Params, world: World, src: int = 0) -> Params:
         for k in sorted(tree):
             dist.broadcast(tree[k], src=src)
     return tree
-
-
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()

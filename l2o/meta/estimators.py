@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_map, tree_map_only
 from l2o.learned.base import LOpt
 from l2o.meta.base import Estimate, EstimatorState, GradientEstimator
 from l2o.meta.losses import get_meta_loss
-from l2o.meta.unroll import Unroll, count_nonfinite, detach_carry, init_carry, unroll
+from l2o.meta.unroll import Unroll, detach_carry, finite_losses, init_carry, unroll
 from l2o.optim.base import Params, check_hyperparameter
 from l2o.registry import Registry
 from l2o.tasks.base import Task, TaskFamily
@@ -72,6 +72,12 @@ HORIZON_SCHEDULES = ("constant", "log_uniform")
 _SEED_HIGH = 2**31 - 1
 #: Tasks kept built per estimator (a family's tasks are rebuilt from their seed when evicted).
 _TASK_CACHE_SIZE = 4
+
+
+def _finite_mean(values: Tensor) -> float:
+    """Mean of the finite entries (a diverged member is reported, not averaged in)."""
+    kept = values[torch.isfinite(values)]
+    return float(kept.mean()) if len(kept) else math.nan
 
 
 def _draw_seeds(generator: torch.Generator, n: int) -> Tensor:
@@ -280,17 +286,13 @@ class TruncatedEstimator(GradientEstimator):
         grads, changed, result, meta_losses = self._truncation(
             meta_params, state, task, num_steps, generator
         )
-        nonfinite = count_nonfinite(result)
-        losses = torch.cat([result.losses, result.terms.train[-1:]]).detach()
-        bad = self._bad_instances(~torch.isfinite(losses).all(dim=0))
+        finite = finite_losses(result)
+        nonfinite = int((~finite).sum())
+        bad = self._bad_instances(~finite.all(dim=0))
         episode_done = done + num_steps >= horizon
-        finite_losses = meta_losses[torch.isfinite(meta_losses)]
-        final = result.terms.train[-1].detach()
         metrics = {
-            "meta_loss": float(finite_losses.mean()) if len(finite_losses) else math.nan,
-            "inner_loss": float(final[torch.isfinite(final)].mean())
-            if nonfinite
-            else float(final.mean()),
+            "meta_loss": _finite_mean(meta_losses),
+            "inner_loss": _finite_mean(result.terms.train[-1].detach()),
             "nonfinite": float(nonfinite),
             "member_resets": float(bad.sum()) if not episode_done else 0.0,
             "inner_steps": float(result.losses.numel()),

@@ -99,7 +99,7 @@ def rotate_and_save(
     return save_resume_file(state, newest)
 
 
-def _torch_load(source, device: torch.device, what: str) -> Any:
+def _load_weights_only(source, device: torch.device, what: str) -> Any:
     def place(storage, location: str):
         return storage if location == "cpu" else storage.to(device)
 
@@ -122,7 +122,7 @@ def load_resume_file(path: str | os.PathLike, device: torch.device | str = "cpu"
             f"no resume file at {path}; start without resume, or point resume= at one"
         )
     device = torch.device(device)
-    wrapped = _torch_load(path, device, f"resume file {path}")
+    wrapped = _load_weights_only(path, device, f"resume file {path}")
     if not isinstance(wrapped, dict) or wrapped.get("format") != RESUME_FORMAT:
         found = wrapped.get("format") if isinstance(wrapped, dict) else type(wrapped).__name__
         raise ResumeError(
@@ -139,7 +139,7 @@ def load_resume_file(path: str | os.PathLike, device: torch.device | str = "cpu"
             f"resume file {path} fails its integrity check (sha256 mismatch: a flipped bit, a "
             "partial copy); resume from its .prev copy or start over"
         )
-    state = _torch_load(io.BytesIO(data), device, f"the state in {path}")
+    state = _load_weights_only(io.BytesIO(data), device, f"the state in {path}")
     if not isinstance(state, dict):
         raise ResumeError(f"resume file {path} holds a {type(state).__name__}, not a dict")
     return state
@@ -164,6 +164,21 @@ def readable_steps(run_dir: str | os.PathLike, rank: int = 0) -> dict[int, Path]
     return found
 
 
+def no_readable_save(run_dir: str | os.PathLike, rank: int = 0) -> ResumeError:
+    """What is wrong when this rank has no resume file to continue from: the newest is missing,
+    or the reason it does not load."""
+    newest = rank_files(run_dir, rank)[0]
+    if not newest.is_file():
+        return ResumeError(
+            f"no resume file at {newest}; start without resume, or point resume= at one"
+        )
+    try:
+        load_resume_file(newest)
+    except ResumeError as err:
+        return err
+    return ResumeError(f"{newest} holds no outer step to resume from")
+
+
 def complete_step(steps_by_rank: Sequence[Iterable[int]]) -> int | None:
     """The newest outer step every rank holds a readable file for, or None."""
     common = set.intersection(*(set(s) for s in steps_by_rank)) if steps_by_rank else set()
@@ -182,17 +197,12 @@ def newest_complete_save(run_dir: Path, world: World) -> Path:
     step = complete_step(gathered)
     newest = rank_files(run_dir, world.rank)[0]
     if step is None:
-        if not newest.is_file():
-            raise ResumeError(
-                f"no resume file at {newest}; start without resume, or point resume= at one"
-            )
-        if steps:  # readable here, but not at a step every rank holds
+        if steps and newest.is_file():  # readable here, but not at a step every rank holds
             raise ResumeError(
                 f"the ranks' resume files in {run_dir} share no complete outer step "
                 f"(this rank: {sorted(steps)}); start over"
             )
-        load_resume_file(newest)  # raises what is wrong with it
-        raise ResumeError(f"{newest} cannot be resumed from")  # pragma: no cover
+        raise no_readable_save(run_dir, world.rank)
     chosen = steps[step]
     if chosen != newest and world.is_main:
         warnings.warn(

@@ -71,10 +71,15 @@ def detach_carry(carry: Carry) -> Carry:
     return tree_map_only(Tensor, Tensor.detach, carry)
 
 
+def finite_losses(result: Unroll) -> Tensor:
+    """``[K + 1, P]``: which inner losses of a truncation (including the final evaluation) are
+    finite."""
+    return torch.isfinite(torch.cat([result.losses, result.terms.train[-1:]]).detach())
+
+
 def count_nonfinite(result: Unroll) -> int:
     """Inner losses of a truncation that are NaN or infinite (including the final evaluation)."""
-    losses = torch.cat([result.losses, result.terms.train[-1:]])
-    return int((~torch.isfinite(losses)).sum())
+    return int((~finite_losses(result)).sum())
 
 
 def population_batch(task: Task, seeds: Sequence[int], steps: Sequence[int], split: str) -> Batch:
