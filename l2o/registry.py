@@ -28,6 +28,24 @@ def did_you_mean(name: object, known: Iterable[object]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def unknown_keyword(fn: object, kwargs: Iterable[str], skip: Iterable[str] = ()) -> str | None:
+    """An error message for the first of ``kwargs`` that callable ``fn`` does not accept (None
+    if it takes them all, or any ``**kwargs``): ``"no argument 'x' (did you mean 'y'?);
+    accepted: a, b"``. ``skip``: parameters that are not the caller's to set."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    accepted = [n for n in params if n not in (*skip, "self")]
+    for key in kwargs:
+        if key not in params:
+            return (
+                f"no argument {key!r}{did_you_mean(key, accepted)}; accepted: {', '.join(accepted)}"
+            )
+    return None
+
+
 class Registry(Mapping[str, T], Generic[T]):
     """Objects by name, for one ``kind`` of thing ("optimizer", "task family", ...).
 

@@ -89,6 +89,25 @@ class Tracker:
         if self.run is not None:
             self.run.log({k: _scalar(v) for k, v in metrics.items()}, step=step)
 
+    def log_tables(self, tables: Mapping[str, tuple[list[str], list[list[Any]]]]) -> None:
+        """Log ``{name: (columns, rows)}`` as W&B tables."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log(
+                {
+                    name: wandb.Table(columns=columns, data=[[_cell(v) for v in r] for r in rows])
+                    for name, (columns, rows) in tables.items()
+                }
+            )
+
+    def log_images(self, images: Mapping[str, str | os.PathLike]) -> None:
+        """Log ``{name: path of a PNG}`` as W&B images."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path)) for name, path in images.items()})
+
     def summary(self, values: Mapping[str, Any]) -> None:
         if self.run is not None:
             for k, v in values.items():
@@ -106,6 +125,13 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=1 if exc_type is not None else 0)
             self.run = None
+
+
+def _cell(value: Any) -> Any:
+    """A table cell W&B accepts: numbers and strings; None stays None."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _scalar(value: Any) -> Any:

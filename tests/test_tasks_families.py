@@ -330,13 +330,16 @@ def _config_names(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def test_every_registered_task_and_family_and_suite_has_a_config():
+def test_every_registered_task_and_family_has_a_config_and_every_suite_runs_in_l2o_eval():
+    from l2o.cli.eval import _suite_names, compose_eval_config
     from l2o.tasks import task_names
 
     tasks = set(_config_names("task"))
     assert set(task_names()) <= tasks
     assert {f"{f}_family" for f in family_names()} <= tasks
-    assert set(_config_names("suite")) == set(suite_names())
+    every = compose_eval_config(f"suite=[{','.join(suite_names())}]")
+    assert set(_suite_names(every)) == set(suite_names())
+    assert set(_suite_names(compose_eval_config("suite=all"))) == set(suite_names())
 
 
 @pytest.mark.parametrize("name", _config_names("task"))
@@ -347,18 +350,3 @@ def test_task_config_composes_and_instantiates(name):
     assert isinstance(obj, (Task, TaskFamily))
     task = obj.sample(0) if isinstance(obj, TaskFamily) else obj
     assert torch.isfinite(task.loss(task.init_from_seed(0), task.batch(0, 0)))
-
-
-@pytest.mark.parametrize("name", _config_names("suite"))
-def test_suite_config_composes_and_instantiates(name):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(overrides=[f"+suite={name}", "suite.n_tasks=1"])
-    suite = instantiate(cfg.suite)
-    assert isinstance(suite, Suite) and suite.name == name and len(suite) >= 1
-
-
-def test_suite_config_can_swap_the_training_family():
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(overrides=["+suite=width_x4", "task@suite.family=cnn_family"])
-    suite = instantiate(cfg.suite)
-    assert all(e.task.name == "cnn" for e in suite)

@@ -137,12 +137,9 @@ def _set_threads(cfg: DictConfig) -> None:
 def _start_log(run_dir: Path, is_main: bool) -> logging.Handler | None:
     if not is_main:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
+    from l2o.cli import log_to_file
+
+    return log_to_file(log, run_dir / LOG_FILE)
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _int(
+def check_int(
     cfg: DictConfig, key: str, *, low: int, high: int | None = None, optional: bool = False
 ) -> int | None:
     value = OmegaConf.select(cfg, key, default=None) if optional else _get(cfg, key)
@@ -114,7 +114,7 @@ def _target(cfg: DictConfig, group: str, kinds: tuple[type, ...]) -> Any:
     return obj
 
 
-def _device(cfg: DictConfig) -> None:
+def check_device(cfg: DictConfig) -> None:
     import torch
 
     device = str(_get(cfg, "device"))
@@ -132,7 +132,7 @@ def _device(cfg: DictConfig) -> None:
         raise ConfigError("device", "CUDA is not available", "use device=auto or device=cpu")
 
 
-def _run_dir(cfg: DictConfig) -> None:
+def check_run_dir(cfg: DictConfig) -> None:
     from l2o.learned.checkpoint import is_inside_shipped
 
     value = _get(cfg, "run_dir")
@@ -163,24 +163,24 @@ def validate_config(cfg: DictConfig) -> None:
     from l2o.tasks.base import Task, TaskFamily
     from l2o.tracking import MODES
 
-    _int(cfg, "seed", low=0, high=MAX_SEED)
-    _int(cfg, "outer_steps", low=1, high=MAX_OUTER_STEPS)
-    _int(cfg, "checkpoint_every", low=0)
+    check_int(cfg, "seed", low=0, high=MAX_SEED)
+    check_int(cfg, "outer_steps", low=1, high=MAX_OUTER_STEPS)
+    check_int(cfg, "checkpoint_every", low=0)
     clip = _get(cfg, "meta_grad_clip")
     if clip is not None and (
         isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0
     ):
         raise ConfigError("meta_grad_clip", f"must be a number >= 0 or null, got {clip!r}")
-    _device(cfg)
+    check_device(cfg)
     threads = OmegaConf.select(cfg, "threads", default="auto")
     if threads != "auto":
-        _int(cfg, "threads", low=1, high=MAX_THREADS)
+        check_int(cfg, "threads", low=1, high=MAX_THREADS)
     _one_of(cfg, "wandb.mode", MODES)
     if not isinstance(_get(cfg, "resume"), (bool, str)):
         raise ConfigError("resume", "must be true, false or the path of a run dir / resume file")
     if not isinstance(OmegaConf.select(cfg, "overwrite", default=False), bool):
         raise ConfigError("overwrite", "must be true or false")
-    _run_dir(cfg)
+    check_run_dir(cfg)
     init_from = OmegaConf.select(cfg, "init_from", default=None)
     if init_from is not None and not isinstance(init_from, str):
         raise ConfigError("init_from", f"must be a checkpoint name or path, got {init_from!r}")
@@ -191,16 +191,16 @@ def validate_config(cfg: DictConfig) -> None:
 
     estimator_cls = _target(cfg, "estimator", (TruncatedEstimator,))
     name = getattr(estimator_cls, "name", "estimator")
-    population = _int(cfg, "estimator.population", low=1, high=MAX_POPULATION)
-    truncation = _int(cfg, "estimator.truncation", low=1, high=MAX_INNER_STEPS)
-    horizon = _int(cfg, "estimator.horizon", low=1, high=MAX_INNER_STEPS)
+    population = check_int(cfg, "estimator.population", low=1, high=MAX_POPULATION)
+    truncation = check_int(cfg, "estimator.truncation", low=1, high=MAX_INNER_STEPS)
+    horizon = check_int(cfg, "estimator.horizon", low=1, high=MAX_INNER_STEPS)
     if truncation > horizon:
         raise ConfigError(
             "estimator.truncation",
             f"estimator.truncation={truncation} > estimator.horizon={horizon}",
             "a truncation cannot be longer than the episode it is cut from",
         )
-    min_horizon = _int(cfg, "estimator.min_horizon", low=1, optional=True)
+    min_horizon = check_int(cfg, "estimator.min_horizon", low=1, optional=True)
     if min_horizon is not None and min_horizon > horizon:
         raise ConfigError(
             "estimator.min_horizon",
@@ -216,9 +216,9 @@ def validate_config(cfg: DictConfig) -> None:
         _one_of(cfg, "estimator.horizon_schedule", HORIZON_SCHEDULES, "horizon schedule")
     for key in ("estimator.meta_loss", "eval.meta_loss"):
         _one_of(cfg, key, list(META_LOSSES), "meta-loss")
-    _int(cfg, "eval.seeds", low=0, high=MAX_POPULATION)
-    _int(cfg, "eval.first_seed", low=0, high=MAX_SEED)
-    _int(cfg, "eval.horizon", low=1, high=MAX_INNER_STEPS)
+    check_int(cfg, "eval.seeds", low=0, high=MAX_POPULATION)
+    check_int(cfg, "eval.first_seed", low=0, high=MAX_SEED)
+    check_int(cfg, "eval.horizon", low=1, high=MAX_INNER_STEPS)
 
 
 # --- building -----------------------------------------------------------------------------------

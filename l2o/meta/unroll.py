@@ -204,7 +204,7 @@ def unroll(
         return [s + offset for s in first]
 
     def held_out(params: Params, offset: int) -> Tensor:
-        return _eval_losses(task, params, seeds, member_steps(offset))
+        return held_out_losses(task, params, seeds, member_steps(offset))
 
     losses, evals = [], []
     for k in range(num_steps):
@@ -234,7 +234,9 @@ def unroll(
     return Unroll(new_carry, torch.stack(losses), terms)
 
 
-def _eval_losses(task: Task, params: Params, seeds: list[int], steps: list[int]) -> Tensor:
+def held_out_losses(
+    task: Task, params: Params, seeds: Sequence[int], steps: Sequence[int]
+) -> Tensor:
     """Members' held-out losses, ``[P]``: vmapped over the eval split's batches, or member by
     member when the task overrides ``eval_loss`` (e.g. a full held-out set)."""
     if type(task).eval_loss is Task.eval_loss:

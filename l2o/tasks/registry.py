@@ -6,10 +6,9 @@ Built-in names are registered here; other modules add theirs with :func:`registe
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from l2o.registry import Registry, did_you_mean
+from l2o.registry import Registry, unknown_keyword
 from l2o.tasks.base import Task
 from l2o.tasks.supervised import (
     AutoencoderTask,
@@ -44,15 +43,9 @@ def get_task(name: str, **kwargs: Any) -> Task:
     Unknown names and unknown arguments raise ``ValueError`` listing what is accepted.
     """
     cls = _TASKS[name]
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = [n for n in params if n != "self"]
-        for key in kwargs:
-            if key not in params:
-                raise ValueError(
-                    f"task {name!r} has no argument {key!r}{did_you_mean(key, accepted)}; "
-                    f"accepted: {', '.join(accepted)}"
-                )
+    problem = unknown_keyword(cls, kwargs)
+    if problem:
+        raise ValueError(f"task {name!r} has {problem}")
     return cls(**kwargs)
 
 

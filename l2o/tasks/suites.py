@@ -17,10 +17,20 @@ optimizer holds (Metz et al., 2022 and the L2O generalisation literature ask the
 ``dataset_change``     the family on the datasets it was not trained on (digits <-> MNIST-1D)
 ``loss_scale_change``  the in-distribution tasks with the loss multiplied by fixed ``loss_scales``
                        (default 1e-3 and 1e3, outside the families' default augmentation range)
+``real_models``        what practitioners train, larger and longer than any meta-training task,
+                       independent of the family: a GPT-style character Transformer (0.43M
+                       parameters, pre-LayerNorm, 2,000 steps), a CNN with GroupNorm, a character
+                       LSTM LM, and an MLP autoencoder trained for 10,000 steps
 =====================  ===========================================================================
 
+Sampled suites hold at most ``n_tasks`` *distinct* tasks: a family with degenerate ranges
+(``width: [32, 32]``) samples the same task at every seed, and a repeat would only run the same
+instances again.
+
 Held-out seeds: task ``i`` of a suite is ``family.sample(HELD_OUT_SEED + i)`` and its instances
-use seeds ``HELD_OUT_SEED + j``; meta-training draws seeds below ``HELD_OUT_SEED`` (the
+use seeds ``HELD_OUT_SEED + j`` (``j < MAX_SEEDS``); tuning a baseline's hyper-parameters uses
+:func:`tuning_seeds`, from ``TUNING_SEED = HELD_OUT_SEED + MAX_SEEDS`` up, so tuning never sees an
+evaluation instance; meta-training draws seeds below ``HELD_OUT_SEED`` (the
 estimators draw from ``[0, 2**31 - 1)``), so suites never evaluate a task or an instance seen in
 meta-training. Shifted suites sample the shifted family at the same seeds and every draw takes
 the same random numbers, so entry ``i`` of ``width_x4`` is entry ``i`` of ``in_distribution``
@@ -47,11 +57,24 @@ from l2o.tasks.families import (
     get_family,
 )
 from l2o.tasks.language import CharLSTMTask, CharTransformerTask
-from l2o.tasks.supervised import ACTIVATIONS, ConvNetTask, MLPClassifierTask
+from l2o.tasks.supervised import ACTIVATIONS, AutoencoderTask, ConvNetTask, MLPClassifierTask
 from l2o.validation import positive_int
 
 #: First seed of the held-out range (task seeds and instance seeds of every suite).
 HELD_OUT_SEED: int = 2**31
+#: Most instance seeds a suite entry may have; the tuning seeds start right after them.
+MAX_SEEDS: int = 2**30
+#: First instance seed used to tune baselines (disjoint from every suite's evaluation seeds).
+TUNING_SEED: int = HELD_OUT_SEED + MAX_SEEDS
+
+
+def tuning_seeds(n: int) -> tuple[int, ...]:
+    """The ``n`` instance seeds hyper-parameters are tuned on: ``TUNING_SEED + j``, disjoint from
+    the evaluation seeds ``HELD_OUT_SEED + j`` (``j < MAX_SEEDS``) of every suite."""
+    positive_int("n", n)
+    if n > MAX_SEEDS:
+        raise ValueError(f"at most {MAX_SEEDS} tuning seeds, got {n}")
+    return tuple(TUNING_SEED + j for j in range(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +139,14 @@ class _Spec:
         return SuiteEntry(name, task, horizon, self.seeds)
 
     def sampled(self, family: TaskFamily, horizon_factor: int = 1) -> list[SuiteEntry]:
-        entries = []
+        entries, seen = [], []
         for i in range(self.n_tasks):
             task = family.sample(HELD_OUT_SEED + i)
-            entries.append(self.entry(f"{task.name}#{i}", task, horizon_factor))
+            entry = self.entry(f"{task.name}#{i}", task, horizon_factor)
+            key = (task.config(), entry.horizon)
+            if key not in seen:  # a repeat runs the same instances again: no information
+                seen.append(key)
+                entries.append(entry)
         return entries
 
 
@@ -225,6 +252,28 @@ def _loss_scale_change(spec: _Spec) -> list[SuiteEntry]:
     return entries
 
 
+def _real_models(spec: _Spec) -> list[SuiteEntry]:
+    # Sized so that a tuned baseline, a learned optimizer and its guarded version all train
+    # every model within the `suite=all` budget on 2 CPU cores (EVALUATION.md).
+    transformer = CharTransformerTask(d_model=128, n_heads=4, n_layers=2, seq_len=32, batch_size=16)
+    entries = [
+        (transformer, 2000),
+        (ConvNetTask(dataset="digits", channels=(16, 32, 32), norm="group", batch_size=64), 1000),
+        (CharLSTMTask(embed_dim=32, hidden_size=128, seq_len=32, batch_size=16), 1000),
+        (AutoencoderTask(dataset="digits", width=128, bottleneck=16, batch_size=64), 10000),
+    ]
+    return [
+        SuiteEntry(f"{task.name}:{_size(task)}", task, horizon, spec.seeds)
+        for task, horizon in entries
+    ]
+
+
+def _size(task: Task) -> str:
+    """A short parameter count for entry names ("0.43M", "15k")."""
+    count = sum(p.numel() for p in task.init_from_seed(0).values())
+    return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.0f}k"
+
+
 _SUITES: Registry[Callable[[_Spec], list[SuiteEntry]]] = Registry("suite")
 for _name, _build in {
     "in_distribution": _in_distribution,
@@ -236,6 +285,7 @@ for _name, _build in {
     "architecture_change": _architecture_change,
     "dataset_change": _dataset_change,
     "loss_scale_change": _loss_scale_change,
+    "real_models": _real_models,
 }.items():
     _SUITES.register(_name, _build)
 
@@ -273,6 +323,8 @@ def get_suite(
         raise TypeError(f"family must be a TaskFamily or a config dict, got {family!r}")
     for arg, value in (("n_tasks", n_tasks), ("n_seeds", n_seeds), ("horizon", horizon)):
         positive_int(arg, value)
+    if n_seeds > MAX_SEEDS:
+        raise ValueError(f"n_seeds must be <= {MAX_SEEDS}, got {n_seeds}")
     scales = tuple(float(s) for s in loss_scales)
     if not scales or any(not s > 0.0 for s in scales):
         raise ValueError(f"loss_scales must be a non-empty list of positive numbers: {scales!r}")
@@ -288,9 +340,12 @@ def get_suite(
 
 __all__ = [
     "HELD_OUT_SEED",
+    "MAX_SEEDS",
+    "TUNING_SEED",
     "Suite",
     "SuiteEntry",
     "default_family",
     "get_suite",
     "suite_names",
+    "tuning_seeds",
 ]

@@ -50,6 +50,19 @@ def _activation(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name][0]
 
 
+#: Normalisation layers ConvNetTask can put after each convolution (parameter-only: GroupNorm
+#: keeps no running statistics, so the loss stays a pure function of the parameters).
+NORMS = ("group", "layer")
+_NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    """GroupNorm with 4 groups (1 when ``channels`` is not a multiple of 4) for "group"; one
+    group, i.e. LayerNorm over channels and positions, for "layer" (Wu & He, 2018)."""
+    groups = (4 if channels % 4 == 0 else 1) if kind == "group" else 1
+    return nn.GroupNorm(groups, channels)
+
+
 class _GlobalMeanPool(nn.Module):
     """(N, C, *spatial) -> (N, C)."""
 
@@ -72,14 +85,21 @@ class ModuleTask(Task):
         if any(True for _ in self.module.buffers()):
             raise ValueError(f"{type(self).__name__}: the network must not have buffers")
         self._gains = self._layer_gains(self.module)
+        self._norm_gains = {
+            f"{name}.weight"
+            for name, child in self.module.named_children()
+            if isinstance(child, _NORM_LAYERS)
+        }
 
     @staticmethod
     def _layer_gains(seq: nn.Sequential) -> dict[str, float]:
-        """Init gain of each weight: that of the activation right after its layer, else 1."""
+        """Init gain of each weight: that of the activation after its layer (past any
+        normalisation layer in between), else 1."""
         children = list(seq.named_children())
         gains = {}
         for i, (name, child) in enumerate(children):
-            after = type(children[i + 1][1]) if i + 1 < len(children) else None
+            later = [type(c) for _, c in children[i + 1 :] if not isinstance(c, _NORM_LAYERS)]
+            after = later[0] if later else None
             for pname, _ in child.named_parameters():
                 gains[f"{name}.{pname}"] = _GAIN_OF.get(after, 1.0)
         return gains
@@ -89,6 +109,8 @@ class ModuleTask(Task):
         for name, p in self.module.named_parameters():
             if name.endswith("bias"):
                 value = torch.zeros(p.shape)
+            elif name in self._norm_gains:  # a normalisation layer starts as the identity
+                value = torch.ones(p.shape)
             else:
                 fan_in = math.prod(p.shape[1:])
                 std = self.init_scale * self._gains[name] / math.sqrt(fan_in)
@@ -269,7 +291,9 @@ class ConvNetTask(ClassifierTask):
     """A small CNN: strided convolutions, global mean pooling, a linear read-out.
 
     2-D on digits (1x8x8 images), 1-D on MNIST-1D (1x40 signals). Each entry of ``channels`` is
-    one ``kernel_size`` convolution with stride 2 and "same" padding, followed by the activation.
+    one ``kernel_size`` convolution with stride 2 and "same" padding, followed by the
+    normalisation layer ``norm`` if any ("group": GroupNorm, "layer": one-group GroupNorm) and
+    the activation.
     """
 
     name = "cnn"
@@ -283,7 +307,11 @@ class ConvNetTask(ClassifierTask):
         batch_size: int = 128,
         init_scale: float = 1.0,
         eval_batch_size: int | None = None,
+        norm: str | None = None,
     ):
+        if norm is not None and norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS} or None, got {norm!r}")
+        self.norm = norm
         if isinstance(channels, int) or len(channels) == 0:
             raise ValueError(f"channels must be a non-empty list of positive ints: {channels!r}")
         self.channels = tuple(positive_int("channels", c) for c in channels)
@@ -302,7 +330,10 @@ class ConvNetTask(ClassifierTask):
             layers: list[nn.Module] = []
             fan_in = 1
             for c in self.channels:
-                layers += [conv(fan_in, c, k, stride=2, padding=k // 2), act()]
+                layers.append(conv(fan_in, c, k, stride=2, padding=k // 2))
+                if norm is not None:
+                    layers.append(_norm_layer(norm, c))
+                layers.append(act())
                 fan_in = c
             layers += [_GlobalMeanPool(), nn.Linear(fan_in, self.data.num_classes)]
             return nn.Sequential(*layers)
@@ -319,6 +350,8 @@ class ConvNetTask(ClassifierTask):
             "channels": list(self.channels),
             "kernel_size": self.kernel_size,
             "activation": self.activation,
+            # Only when set, so the configs (and suites) of networks without one are unchanged.
+            **({"norm": self.norm} if self.norm is not None else {}),
         }
 
 

@@ -1,0 +1,250 @@
+"""The optimizers ``l2o-eval`` compares ("contenders"), resolved from config before any work.
+
+Four kinds, each with a ``name`` (its label in tables and plots) and a JSON ``spec`` that, with
+the learning rate, identifies its runs (the key of a finished cell):
+
+- :class:`LearnedContender`: a learned-optimizer checkpoint (a shipped name or a path), the rule
+  ``lopt.rule(meta_params)``; nothing to tune.
+- :class:`GuardedContender`: that rule under the LGL2O guard (:class:`~l2o.guard.GuardRule`)
+  with a hand-designed fallback whose learning rate is tuned like a baseline's.
+- :class:`RuleContender`: a registered hand-designed rule (``adam``, ``muon``, ...), learning
+  rate tuned per task when the rule has one.
+- :class:`TorchContender`: any ``torch.optim.Optimizer`` subclass by dotted path
+  (``torch.optim.AdamW``, a class from an installed package) with keyword arguments, run in a
+  plain PyTorch training loop; learning rate tuned when its constructor takes ``lr``.
+
+Every name, path and argument is checked here, so that a typo fails before any cell runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from l2o.guard import GuardRule
+from l2o.optim import registry
+from l2o.optim.base import Params, UpdateRule
+from l2o.registry import did_you_mean, unknown_keyword
+
+__all__ = [
+    "Contender",
+    "ContenderError",
+    "GuardedContender",
+    "LearnedContender",
+    "RuleContender",
+    "TorchContender",
+    "import_optimizer",
+    "learned_contenders",
+    "rule_contender",
+    "torch_contender",
+]
+
+
+class ContenderError(ValueError):
+    """An optimizer ``l2o-eval`` cannot build; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """Base class: a label and the JSON identity of the optimizer's runs."""
+
+    name: str
+
+    @property
+    def tunes_lr(self) -> bool:
+        return False
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleContender(Contender):
+    """A registered hand-designed rule ``registry.get(rule, lr=lr, **hparams)``."""
+
+    rule: str = "adam"
+    hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def tunes_lr(self) -> bool:
+        return "lr" in registry._entry(self.rule).rule_cls.hyperparameter_names()
+
+    def build(self, lr: float | torch.Tensor | None = None) -> UpdateRule:
+        hparams = dict(self.hparams)
+        if lr is not None:
+            hparams["lr"] = lr
+        return registry.get(self.rule, **hparams)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "rule", "rule": self.rule, "hparams": dict(self.hparams)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedContender(Contender):
+    """A learned-optimizer checkpoint: ``lopt.rule(meta_params)``."""
+
+    checkpoint: str = ""
+    checkpoint_id: str = ""
+    lopt: Any = None
+    meta_params: Params = dataclasses.field(default_factory=dict, repr=False)
+    card: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def build(self, device: torch.device | str = "cpu") -> UpdateRule:
+        return self.lopt.rule({k: v.to(device) for k, v in self.meta_params.items()})
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "learned", "checkpoint_id": self.checkpoint_id}
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardedContender(Contender):
+    """A learned contender under the LGL2O guard with ``fallback`` (its lr tuned per task)."""
+
+    learned: LearnedContender | None = None
+    fallback: RuleContender | None = None
+    compare_every: int = 1
+
+    def build(self, fallback_lr: float | None, device: torch.device | str = "cpu") -> GuardRule:
+        return GuardRule(
+            self.learned.build(device),
+            self.fallback.build(fallback_lr),
+            compare_every=self.compare_every,
+        )
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": "guarded",
+            "learned": self.learned.spec(),
+            "fallback": self.fallback.spec(),
+            "compare_every": self.compare_every,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchContender(Contender):
+    """``cls(params, lr=lr, **kwargs)`` for a ``torch.optim.Optimizer`` subclass ``cls``."""
+
+    target: str = ""
+    cls: type[torch.optim.Optimizer] | None = None
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tune: bool = True
+
+    @property
+    def tunes_lr(self) -> bool:
+        return self.tune and "lr" in inspect.signature(self.cls).parameters
+
+    def build(self, params: Sequence[torch.Tensor], lr: float | None) -> torch.optim.Optimizer:
+        kwargs = dict(self.kwargs)
+        if lr is not None:
+            kwargs["lr"] = lr
+        return self.cls(params, **kwargs)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "torch", "target": self.target, "kwargs": dict(self.kwargs)}
+
+
+# --- resolving names ----------------------------------------------------------------------------
+
+
+def rule_contender(rule: str, hparams: Mapping[str, Any] | None = None) -> RuleContender:
+    """A registered rule; unknown names and hyper-parameters raise :class:`ContenderError`."""
+    hparams = dict(hparams or {})
+    try:
+        entry = registry._entry(rule)
+    except ValueError as err:
+        raise ContenderError(str(err)) from None
+    known = entry.rule_cls.hyperparameter_names()
+    for key in hparams:
+        if key not in known:
+            raise ContenderError(
+                f"optimizer {rule!r} has no hyper-parameter {key!r}{did_you_mean(key, known)}; "
+                f"it has: {', '.join(known)}"
+            )
+    if "lr" in hparams:
+        raise ContenderError(f"optimizer {rule!r}: lr is tuned per task; remove it from hparams")
+    try:
+        registry.get(rule, **hparams)
+    except (TypeError, ValueError) as err:
+        raise ContenderError(f"optimizer {rule!r} with {hparams}: {err}") from None
+    label = rule + "".join(f",{k}={v}" for k, v in sorted(hparams.items()))
+    return RuleContender(label, rule, hparams)
+
+
+def import_optimizer(target: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim.Optimizer`` subclass at dotted path ``target`` (``torch.optim.AdamW``)."""
+    module_name, _, attr = str(target).rpartition(".")
+    if not module_name:
+        raise ContenderError(
+            f"optimizer target {target!r} is not a dotted path (e.g. torch.optim.AdamW)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ContenderError(
+            f"optimizer target {target!r}: cannot import {module_name!r} ({err}); is the package "
+            "installed?"
+        ) from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        public = [n for n in dir(module) if not n.startswith("_")]
+        raise ContenderError(
+            f"optimizer target {target!r}: module {module_name!r} has no {attr!r}"
+            f"{did_you_mean(attr, public)}"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ContenderError(f"optimizer target {target!r} is not a torch.optim.Optimizer class")
+    return cls
+
+
+def torch_contender(
+    target: str,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    tune_lr: bool = True,
+) -> TorchContender:
+    """An external optimizer class; its keyword arguments are checked against its signature."""
+    cls = import_optimizer(target)
+    kwargs = dict(kwargs or {})
+    problem = unknown_keyword(cls, kwargs, skip=("params",))
+    if problem:
+        raise ContenderError(f"optimizer {target}: {problem}")
+    if tune_lr and "lr" in kwargs:
+        raise ContenderError(
+            f"optimizer {target}: lr is tuned per task; remove it from kwargs or set tune_lr: false"
+        )
+    try:  # construct once on a dummy parameter: bad values fail now, not after an hour
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ContenderError(f"optimizer {target} with {kwargs}: {err}") from None
+    return TorchContender(name or cls.__name__, target, cls, kwargs, tune_lr)
+
+
+def learned_contenders(
+    checkpoint: str,
+    *,
+    guarded: bool,
+    unguarded: bool,
+    fallback: RuleContender,
+    compare_every: int = 1,
+) -> list[Contender]:
+    """The checkpoint (shipped name or path) alone and/or under the guard."""
+    from l2o.learned.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+
+    try:
+        lopt, meta_params, card = load_checkpoint(resolve_checkpoint(checkpoint))
+    except CheckpointError as err:
+        raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
+    label = str(checkpoint) if "/" not in str(checkpoint) else card["id"]
+    learned = LearnedContender(label, str(checkpoint), card["id"], lopt, meta_params, card)
+    out: list[Contender] = [learned] if unguarded else []
+    if guarded:
+        out.append(
+            GuardedContender(f"{label}+guard({fallback.name})", learned, fallback, compare_every)
+        )
+    return out
