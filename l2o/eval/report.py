@@ -286,7 +286,7 @@ def plot_speedups(results: Mapping[str, Any], path: Path) -> Path:
         groups["all OOD"] = results["ood"]["aggregate"]
     names = list(results["optimizers"])
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(names)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 1.1 * len(groups))), 4))
     for i, name in enumerate(names):
         xs, ys, lows, highs = [], [], [], []
         for g, aggregate in enumerate(groups.values()):
