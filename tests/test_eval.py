@@ -375,6 +375,26 @@ def test_a_damaged_cell_is_computed_again(tiny_run, tmp_path):
     assert results["meta"]["cells_computed"] == 1
 
 
+def test_a_cell_of_the_wrong_shape_is_computed_again(tiny_run, tmp_path):
+    import safetensors.torch
+
+    run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    (copy / "cells").mkdir(parents=True)
+    cells = sorted((run_dir / "cells").glob("*.safetensors"))
+    for path in cells:
+        (copy / "cells" / path.name).write_bytes(path.read_bytes())
+    forged = next(p for p in cells if "curves" in safetensors.torch.load_file(p))
+    with safetensors.safe_open(str(forged), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(forged)
+    tensors["curves"] = tensors["curves"][:3]  # a truncated curve under the right key
+    safetensors.torch.save_file(tensors, copy / "cells" / forged.name, metadata)
+    with pytest.warns(UserWarning, match="tensor 'curves'"):
+        results = run_eval(_tiny(copy))
+    assert results["meta"]["cells_computed"] == 1
+
+
 def test_a_run_dir_of_another_evaluation_is_refused(tiny_run):
     run_dir, _ = tiny_run
     with pytest.raises(ConfigError, match="n_seeds"):

@@ -49,8 +49,12 @@ class CellStore:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
-    def load(self, key: str) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-        """``(tensors, info)`` of a finished cell, or None if there is none (or it is unusable)."""
+    def load(
+        self, key: str, shapes: Mapping[str, tuple[int, ...]] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """``(tensors, info)`` of a finished cell, or None if there is none (or it is unusable:
+        unreadable, another key, a tensor of ``shapes`` missing or of another shape, or no
+        finite ``wall_s``)."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -60,6 +64,13 @@ class CellStore:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
             if not isinstance(info, dict) or info.get("key") != key:
                 raise ValueError("its recorded key does not match its name")
+            wall = info.get("wall_s")
+            if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not wall >= 0:
+                raise ValueError(f"its wall time is {wall!r}")
+            for name, shape in (shapes or {}).items():
+                if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
+                    got = tuple(tensors[name].shape) if name in tensors else "missing"
+                    raise ValueError(f"tensor {name!r} is {got}, expected {tuple(shape)}")
         except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as err:
             warnings.warn(f"{path}: unusable cell ({err}); computing it again", stacklevel=2)
             return None

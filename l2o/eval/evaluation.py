@@ -132,7 +132,7 @@ def _tune(c: Contender, entry: SuiteEntry, settings: Settings, store: CellStore)
         "grid": list(settings.grid),
     }
     key = cell_key(identity)
-    cached = store.load(key)
+    cached = store.load(key, {"finals": (len(settings.grid),)})
     if cached is not None:
         tensors, info = cached
         finals = tensors["finals"]
@@ -184,7 +184,8 @@ def _run(
         "lr": lr,
     }
     key = cell_key(identity)
-    cached = store.load(key)
+    shapes = {"curves": (entry.horizon, len(entry.seeds)), "eval_losses": (len(entry.seeds),)}
+    cached = store.load(key, shapes)
     if cached is not None:
         tensors, info = cached
         acceptance = tensors.get("acceptance")
