@@ -498,3 +498,15 @@ def test_tiny_suite_on_cuda(tmp_path):
     assert results["meta"]["device"].startswith("cuda")
     rows = results["suites"]["in_distribution"]["tasks"].values()
     assert all(math.isfinite(t["optimizers"]["adam"]["final_loss"]) for t in rows)
+
+
+def test_a_rule_that_cannot_vmap_runs_through_its_torch_optim_class(tmp_path):
+    from l2o.eval.contenders import TorchContender
+
+    lbfgs = rule_contender("lbfgs", {"history_size": 5})
+    assert isinstance(lbfgs, TorchContender) and lbfgs.cls is registry.get_class("lbfgs")
+    task = QuadraticTask(dim=4, cond=10.0)
+    run = run_torch(lbfgs, 1.0, task, (HELD_OUT_SEED,), 5)
+    assert float(run.curves[-1, 0]) < 1e-3 * float(run.curves[0, 0])  # quasi-Newton
+    with pytest.raises(ConfigError, match=r"^reference: lbfgs cannot run under vmap"):
+        build_plan(_tiny(tmp_path / "run", "reference=lbfgs"))

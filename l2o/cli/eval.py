@@ -223,14 +223,24 @@ def _external(item: Any, key: str):
     )
 
 
+def _vmappable(contender, key: str):
+    """The reference and the guard's fallback run inside the vmapped unroll."""
+    from l2o.eval.contenders import RuleContender
+
+    if not isinstance(contender, RuleContender):
+        raise ConfigError(key, f"{contender.name} cannot run under vmap", "choose another rule")
+    return contender
+
+
 def _contenders(cfg: DictConfig):
     from l2o.eval.contenders import ContenderError, learned_contenders, rule_contender
 
     current = "reference"
     try:
-        reference = rule_contender(cfg.reference)
+        reference = _vmappable(rule_contender(cfg.reference), "reference")
         current = "guard.fallback"
         fallback = rule_contender(cfg.guard.fallback, _container(cfg.guard.get("fallback_hparams")))
+        fallback = _vmappable(fallback, current)
         out = []
         for i, checkpoint in enumerate(_names(cfg, "checkpoints")):
             current = f"checkpoints.{i}"

@@ -151,8 +151,12 @@ class TorchContender(Contender):
 # --- resolving names ----------------------------------------------------------------------------
 
 
-def rule_contender(rule: str, hparams: Mapping[str, Any] | None = None) -> RuleContender:
-    """A registered rule; unknown names and hyper-parameters raise :class:`ContenderError`."""
+def rule_contender(
+    rule: str, hparams: Mapping[str, Any] | None = None
+) -> RuleContender | TorchContender:
+    """A registered rule; unknown names and hyper-parameters raise :class:`ContenderError`. A
+    rule that cannot run under vmap (L-BFGS) comes back as its ``torch.optim`` class, run in the
+    plain training loop."""
     hparams = dict(hparams or {})
     try:
         entry = registry._entry(rule)
@@ -172,6 +176,8 @@ def rule_contender(rule: str, hparams: Mapping[str, Any] | None = None) -> RuleC
     except (TypeError, ValueError) as err:
         raise ContenderError(f"optimizer {rule!r} with {hparams}: {err}") from None
     label = rule + "".join(f",{k}={v}" for k, v in sorted(hparams.items()))
+    if not entry.rule_cls.vmappable:
+        return TorchContender(label, f"l2o.optim.registry:{rule}", entry.optimizer_cls, hparams)
     return RuleContender(label, rule, hparams)
 
 

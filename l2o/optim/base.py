@@ -105,6 +105,9 @@ class UpdateRule(ABC):
     #: Rules that handle complex tensors themselves (L-BFGS, through their real views) set this;
     #: the ``torch.optim`` adapter refuses complex parameters for the others.
     supports_complex: ClassVar[bool] = False
+    #: Rules whose update branches on tensor values in Python (L-BFGS's line search) cannot run
+    #: under ``torch.func.vmap``; they run through their ``torch.optim`` class instead.
+    vmappable: ClassVar[bool] = True
 
     @abstractmethod
     def init(self, params: Params) -> State:

@@ -77,6 +77,7 @@ class LBFGS(UpdateRule):
 
     needs_loss_fn: ClassVar[bool] = True
     supports_complex: ClassVar[bool] = True
+    vmappable: ClassVar[bool] = False
     #: The history is one flat vector over all parameters: nothing is per-parameter.
     PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset()
 
