@@ -393,8 +393,9 @@ def _check_run_dir_config(cfg: DictConfig, run_dir: Path) -> None:
         previous = OmegaConf.load(saved)
     except Exception:  # unreadable: treat as another evaluation's
         previous = OmegaConf.create({})
-    if _result_config(previous) != _result_config(cfg):
-        changed = [k for k in RESULT_KEYS if _result_config(previous)[k] != _result_config(cfg)[k]]
+    before, now = _result_config(previous), _result_config(cfg)
+    if before != now:
+        changed = [k for k in RESULT_KEYS if before[k] != now[k]]
         raise ConfigError(
             "run_dir",
             f"{run_dir} holds an evaluation with other settings ({', '.join(changed)})",
@@ -485,7 +486,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tracker.log_images(outputs["images"])
             if "ood" in results:
                 tracker.summary(
-                    {f"ood/{n}/iqm_speedup": a["iqm_speedup"] for n, a in _ood(results).items()}
+                    {
+                        f"ood/{n}/iqm_speedup": a["iqm_speedup"]
+                        for n, a in results["ood"]["aggregate"].items()
+                    }
                 )
         log.info(
             "finished in %.1f s (%d cells computed, %d reused)",
@@ -501,10 +505,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         log.removeHandler(handler)
         handler.close()
-
-
-def _ood(results: dict) -> dict:
-    return results["ood"]["aggregate"]
 
 
 def _error(message: str, code: int = 2) -> None:
@@ -527,24 +527,19 @@ def _hydra_app(cfg: DictConfig) -> None:
 
 
 def _precheck(args: Sequence[str]) -> None:
-    """Compose and validate once before Hydra runs: a mistake is one line, and nothing is
-    created for a command that cannot run."""
+    """Compose once before Hydra runs, so that a bad override is one line (values, names and
+    the run_dir are checked by :func:`run`, before it creates anything)."""
     if any(a.startswith("-") for a in args):
         return
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        cfg = compose_eval_config(*args)
+        compose_eval_config(*args)
     except (HydraException, OmegaConfBaseException) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         key = next((a.split("=")[0] for a in args if a.split("=")[0] in first), "overrides")
         _error(f"{key}: {first} (see configs/eval/default.yaml)")
-    try:
-        build_plan(cfg)
-        _check_run_dir_config(cfg, Path(cfg.run_dir))
-    except ConfigError as err:
-        _error(str(err))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ Every name, path and argument is checked here, so that a typo fails before any c
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import inspect
@@ -50,7 +51,7 @@ class ContenderError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Contender:
+class Contender(abc.ABC):
     """Base class: a label and the JSON identity of the optimizer's runs."""
 
     name: str
@@ -59,8 +60,9 @@ class Contender:
     def tunes_lr(self) -> bool:
         return False
 
+    @abc.abstractmethod
     def spec(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The JSON identity of this optimizer's runs (with the lr, a cell's key)."""
 
 
 @dataclasses.dataclass(frozen=True)

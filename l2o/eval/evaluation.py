@@ -19,6 +19,7 @@ Each grid search and each run is a cell (:mod:`l2o.eval.cells`): finished cells 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,8 +139,6 @@ def _tune(c: Contender, entry: SuiteEntry, settings: Settings, store: CellStore)
         finals = tensors["finals"]
         wall = info["wall_s"]
     else:
-        import time
-
         start = time.perf_counter()
         if isinstance(c, RuleContender):
             curves = run_rule_grid(
