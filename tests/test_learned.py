@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -319,19 +320,21 @@ def test_rule_trains_under_the_torch_optim_adapter_like_the_functional_loop(kind
 # --- features ---------------------------------------------------------------------------------
 
 
-def test_mlp_equals_an_explicit_mlp_on_normalised_features_and_broadcast_step_embedding():
+@pytest.mark.parametrize("path", ["reference_update", "fused_update"])
+def test_mlp_equals_an_explicit_mlp_on_normalised_features_and_broadcast_step_embedding(path):
     # Reference: the textbook evaluation (normalise features, append the step embedding to
-    # every coordinate, run the MLP) against the rule's folded first layer.
+    # every coordinate, run the MLP) against the rule's folded first layer, on both paths.
     lopt, meta = make("mlp", torch.float64)
-    rule = lopt.rule(meta)
+    rule = dataclasses.replace(lopt.rule(meta), chunk_size=5)
     params = task_params(torch.float64)
     state = rule.init(params)
     grads = random_like(params, 9)
     step = 37
-    updates, _ = rule.update(grads, state, params, step=step)
+    updates, _ = getattr(rule, path)(grads, state, params, step=step)
     for name, p in params.items():
         decays = tuple(torch.tensor(lopt.decays[g], dtype=p.dtype) for g in lopt.decays)
-        x, _ = rule._features(grads[name], p, state, name, decays)
+        slots = rule._accumulate(grads[name], state, name, decays)
+        x = rule._features(grads[name], p, slots)
         assert x.shape == (p.numel(), lopt.num_features)
         x = x / torch.sqrt((x * x).mean(0, keepdim=True) + 1e-5)
         emb = torch.tensor([math.tanh(step / s - 1) for s in lopt.step_timescales], dtype=x.dtype)

@@ -43,6 +43,7 @@ from l2o.learned.features import (
     logit,
     tanh_step_embedding,
 )
+from l2o.learned.mlp_fused import CHUNK_SIZE, TensorStep
 from l2o.learned.rule import LearnedRule
 from l2o.optim.base import (
     LearningRate,
@@ -176,6 +177,14 @@ class MLPRule(LearnedRule):
     PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"m", "v", "fac_row", "fac_col"})
 
     lopt: MLPLOpt = dataclasses.field(repr=False)
+    #: Tensors larger than this take the fused, blocked path in blocks of about this many
+    #: coordinates (an implementation setting, not a hyper-parameter: it changes only rounding).
+    chunk_size: int = dataclasses.field(default=CHUNK_SIZE, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     def init(self, params: Params) -> State:
         state: State = {"m": {}, "v": {}, "fac_row": {}, "fac_col": {}}
@@ -202,15 +211,13 @@ class MLPRule(LearnedRule):
             return decays_from_logits(self.meta_params[f"{group}_decay_logits"]).to(device, dtype)
         return torch.tensor(self.lopt.decays[group], dtype=dtype, device=device)
 
-    def _features(
-        self, g: Tensor, p: Tensor, state: State, name: str, decays: tuple[Tensor, ...]
-    ) -> tuple[Tensor, State]:
-        """Raw (unnormalised) features ``[numel, num_features]`` of one tensor, new accumulators.
+    def _accumulate(
+        self, g: Tensor, state: State, name: str, decays: tuple[Tensor, ...]
+    ) -> dict[str, Tensor]:
+        """The new accumulators ``m, v, fac_row, fac_col`` of one tensor (``g`` in their dtype).
 
         ``decays``: the (momentum, rms, adafactor) decay vectors in the state's dtype."""
-        dtype = state["m"][name].dtype
         beta_m, beta_v, beta_f = decays
-        g = g.to(dtype)
         g1, g2 = g.unsqueeze(-1), (g * g).unsqueeze(-1)
         m = ema(state["m"][name], g1, beta_m)
         v = ema(state["v"][name], g2, beta_v)
@@ -218,13 +225,24 @@ class MLPRule(LearnedRule):
         if dims is None:
             row = ema(state["fac_row"][name], g2, beta_f)
             col = state["fac_col"][name]
+        else:
+            row_dim, col_dim = dims
+            row = ema(state["fac_row"][name], g2.mean(dim=col_dim), beta_f)
+            col = ema(state["fac_col"][name], g2.mean(dim=row_dim), beta_f)
+        return {"m": m, "v": v, "fac_row": row, "fac_col": col}
+
+    def _features(self, g: Tensor, p: Tensor, slots: dict[str, Tensor]) -> Tensor:
+        """Raw (unnormalised) features ``[numel, num_features]`` of one tensor from its new
+        accumulators ``slots`` (``g``, ``p`` in their dtype)."""
+        g1 = g.unsqueeze(-1)
+        m, v, row, col = slots["m"], slots["v"], slots["fac_row"], slots["fac_col"]
+        dims = factored_dims(tuple(g.shape))
+        if dims is None:
             v_hat = row
             row_feat = col_feat = row
             rsqrt_row = rsqrt_col = torch.rsqrt(row + RSQRT_EPS)
         else:
             row_dim, col_dim = dims
-            row = ema(state["fac_row"][name], g2.mean(dim=col_dim), beta_f)
-            col = ema(state["fac_col"][name], g2.mean(dim=row_dim), beta_f)
             v_hat = factored_second_moment(row, col, dims, RSQRT_EPS)
             # Row/column statistics are computed at their own (small) size, then broadcast.
             full = v_hat.shape
@@ -237,7 +255,7 @@ class MLPRule(LearnedRule):
         feats = torch.cat(
             [
                 g1,
-                p.to(dtype).unsqueeze(-1),
+                p.unsqueeze(-1),
                 m,
                 v,
                 m * rsqrt_v[..., -1:],
@@ -251,24 +269,71 @@ class MLPRule(LearnedRule):
             ],
             dim=-1,
         )
-        return feats.reshape(-1, feats.shape[-1]), {"m": m, "v": v, "fac_row": row, "fac_col": col}
+        return feats.reshape(-1, feats.shape[-1])
 
-    def _mlp(self, x: Tensor, step_embedding: Tensor) -> Tensor:
-        """MLP outputs ``[numel, 2]`` for raw features ``x`` of one tensor.
+    def _meta(self, like: Tensor) -> Params:
+        return {k: v.to(like.device, like.dtype) for k, v in self.meta_params.items()}
 
-        Equal to running the MLP on ``[second_moment_normalize(x), step_embedding]`` per
-        coordinate, computed without materialising either: the per-column normalisation is a
-        diagonal scale folded into the first layer's weights, and the step embedding (the same
-        for every coordinate) goes through the first layer once, as part of its bias.
-        """
-        meta = {k: v.to(x.device, x.dtype) for k, v in self.meta_params.items()}
-        c = x.shape[-1]
+    def _first_layer(
+        self, meta: Params, mean_squares: Tensor, step_embedding: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """First-layer weights with the per-tensor feature normaliser folded in, and its bias.
+
+        Running the MLP on ``[second_moment_normalize(x), step_embedding]`` per coordinate
+        equals ``x @ w + bias`` with these: the normalisation is a diagonal scale of the first
+        layer's rows, and the step embedding (the same for every coordinate) goes through the
+        first layer once, as part of the bias."""
+        c = mean_squares.shape[-1]
         w0 = meta["w0"]
-        scale = torch.rsqrt(torch.mean(x * x, dim=0) + NORMALIZE_EPS)
-        h = torch.addmm(step_embedding @ w0[c:] + meta["b0"], x, scale.unsqueeze(-1) * w0[:c])
+        scale = torch.rsqrt(mean_squares + NORMALIZE_EPS)
+        return scale.unsqueeze(-1) * w0[:c], step_embedding @ w0[c:] + meta["b0"]
+
+    def _rest_of_mlp(self, meta: Params, first_layer_output: Tensor) -> Tensor:
+        """The hidden layers and output layer after the first layer: ``[n, H] -> [n, 2]``."""
+        h = first_layer_output
         for i in range(1, len(self.lopt.hidden_sizes) + 1):
-            h = torch.addmm(meta[f"b{i}"], torch.relu(h), meta[f"w{i}"])
+            # In place: h is a fresh product that autograd does not keep (addmm saves inputs).
+            h = torch.addmm(meta[f"b{i}"], torch.relu_(h), meta[f"w{i}"])
         return h
+
+    def _step_from_outputs(self, outputs: Tensor, scale: float | Tensor) -> Tensor:
+        """``Δ = -d · exp(λ_exp · a) · scale`` from the MLP's ``[n, 2]`` outputs ``(d, a)``."""
+        direction, log_magnitude = outputs.unbind(-1)
+        return -direction * torch.exp(log_magnitude * self.lopt.exp_mult) * scale
+
+    def _tensor_update_reference(
+        self, g: Tensor, p: Tensor, slots: dict[str, Tensor], embedding: Tensor, scale
+    ) -> Tensor:
+        """One tensor's update with its whole ``[numel, 34]`` feature matrix materialised."""
+        x = self._features(g, p, slots)
+        meta = self._meta(x)
+        w, bias = self._first_layer(meta, torch.mean(x * x, dim=0), embedding)
+        return self._step_from_outputs(self._rest_of_mlp(meta, torch.addmm(bias, x, w)), scale)
+
+    def _tensor_update_fused(
+        self,
+        g: Tensor,
+        p: Tensor,
+        slots: dict[str, Tensor],
+        embedding: Tensor,
+        scale,
+        chunk_size: int,
+    ) -> Tensor:
+        """One tensor's update computed block by block (:mod:`l2o.learned.mlp_fused`)."""
+        widths = {group: len(self.lopt.decays[group]) for group in _DECAY_GROUPS}
+        tensor = TensorStep(
+            g, p, *slots.values(), rsqrt_eps=RSQRT_EPS, widths=widths, chunk_size=chunk_size
+        )
+        meta = self._meta(g)
+        mean_squares, assembled = tensor.mean_squares()
+        w, bias = self._first_layer(meta, mean_squares, embedding)
+        w_coord, shared_plus_bias = tensor.first_layer_shares(w, bias)
+        blocks = []
+        for index, block in enumerate(tensor.blocks):
+            x = assembled[index] if index in assembled else tensor.coordinate_features(block)
+            h = torch.addmm(shared_plus_bias(block), x.T, w_coord)
+            blocks.append(self._step_from_outputs(self._rest_of_mlp(meta, h), scale))
+        return torch.cat(blocks)
 
     def update(
         self,
@@ -279,6 +344,27 @@ class MLPRule(LearnedRule):
         step: Step,
         loss_fn: LossFn | None = None,
     ) -> tuple[Params, State]:
+        """The learned step. A tensor of more than ``chunk_size`` coordinates goes through the
+        fused, blocked computation (:mod:`l2o.learned.mlp_fused`), a smaller one through the
+        reference's single feature matrix (fewer ops, all of it in cache anyway); both give the
+        same update to float32 rounding, under vmap and autograd as well."""
+        return self._update(grads, state, params, step, fused_above=self.chunk_size)
+
+    def reference_update(
+        self, grads: Params, state: State, params: Params, *, step: Step
+    ) -> tuple[Params, State]:
+        """The oracle: every tensor's feature matrix materialised whole, as in Metz et al."""
+        return self._update(grads, state, params, step, fused_above=None)
+
+    def fused_update(
+        self, grads: Params, state: State, params: Params, *, step: Step
+    ) -> tuple[Params, State]:
+        """Every tensor through the fused, blocked computation, whatever its size."""
+        return self._update(grads, state, params, step, fused_above=0)
+
+    def _update(
+        self, grads: Params, state: State, params: Params, step: Step, fused_above: int | None
+    ) -> tuple[Params, State]:
         new_state: State = {slot: {} for slot in state}
         updates: Params = {}
         scale = lr_at(self.lr, step) * self.lopt.step_mult
@@ -286,8 +372,7 @@ class MLPRule(LearnedRule):
         # is a host-to-device copy on GPU).
         decays: dict[torch.dtype, tuple[Tensor, ...]] = {}
         embeddings: dict[torch.dtype, Tensor] = {}
-        # One MLP evaluation per tensor: the features are per tensor anyway (normalisation),
-        # and this avoids copying every coordinate's features into one block.
+        # One MLP evaluation per tensor: the features are normalised per tensor anyway.
         for name, p in params.items():
             dtype = state["m"][name].dtype
             if dtype not in decays:
@@ -295,9 +380,14 @@ class MLPRule(LearnedRule):
                 embeddings[dtype] = tanh_step_embedding(
                     step, self.lopt.step_timescales, dtype=dtype, device=p.device
                 )
-            x, slots = self._features(grads[name], p, state, name, decays[dtype])
-            direction, log_magnitude = self._mlp(x, embeddings[dtype]).unbind(-1)
-            delta = -direction * torch.exp(log_magnitude * self.lopt.exp_mult) * scale
+            g, p_c = grads[name].to(dtype), p.to(dtype)
+            slots = self._accumulate(g, state, name, decays[dtype])
+            if fused_above is not None and p.numel() > fused_above:
+                delta = self._tensor_update_fused(
+                    g, p_c, slots, embeddings[dtype], scale, self.chunk_size
+                )
+            else:
+                delta = self._tensor_update_reference(g, p_c, slots, embeddings[dtype], scale)
             updates[name] = delta.reshape(p.shape).to(p.dtype)
             for slot, value in slots.items():
                 new_state[slot][name] = value

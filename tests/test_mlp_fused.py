@@ -1,0 +1,172 @@
+"""The fused, blocked step of the ``mlp`` learned optimizer against its reference (the oracle)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.func import vmap
+
+from l2o.learned import MLPLOpt
+from l2o.learned.mlp_fused import CHUNK_SIZE, feature_slices
+
+# 0-D, 1-D, matrices with and without a size-1 dim, conv 4-D, factored dims that are not leading
+# (4-D with dims (2, 3), 3-D with a dim between them), sizes that no block size divides.
+SHAPES = [(), (1,), (7,), (5, 3), (1, 9), (33, 17), (4, 1, 3), (3, 8, 5, 5), (6, 5, 4)]
+SHAPES += [(2, 3, 4, 5), (3, 7, 2, 9)]
+BLOCK_SIZES = [1, 7, 40, CHUNK_SIZE]
+
+
+def rules(lopt: MLPLOpt, meta, block_size: int):
+    rule = lopt.rule(meta, lr=3.0)
+    return rule, dataclasses.replace(rule, chunk_size=block_size)
+
+
+def trajectory(update, rule, params, steps: int = 5, seed: int = 0):
+    """Updates and states along ``steps`` updates on gradients of widely varying scale."""
+    g = torch.Generator().manual_seed(seed)
+    state = rule.init(params)
+    out = []
+    for t in range(steps):
+        grads = {
+            k: torch.randn(p.shape, generator=g, dtype=p.dtype) * 10.0 ** (2 * t - 4)
+            for k, p in params.items()
+        }
+        updates, state = update(grads, state, params, step=t)
+        out.append((updates, state))
+        params = {k: params[k] + updates[k] for k in params}
+    return out
+
+
+def assert_trees_close(a, b, **tol):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_trees_close(a[k], b[k], **tol)
+    else:
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("learn_decays", [False, True])
+def test_fused_step_equals_the_reference_on_tensors_of_every_shape(block_size, learn_decays):
+    lopt = MLPLOpt(learn_decays=learn_decays)
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    params = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
+    reference, fused = rules(lopt, meta, block_size)
+    expected = trajectory(reference.reference_update, reference, params)
+    got = trajectory(fused.fused_update, fused, params)
+    for (u_ref, s_ref), (u_fused, s_fused) in zip(expected, got, strict=True):
+        assert_trees_close(u_fused, u_ref, rtol=1e-5, atol=1e-6 * max_abs(u_ref))
+        assert_trees_close(s_fused, s_ref, rtol=0, atol=0)  # the same accumulator ops
+
+
+def max_abs(tree) -> float:
+    return max(float(t.abs().max()) for t in tree.values() if t.numel())
+
+
+def test_update_takes_the_fused_path_only_above_the_block_size(monkeypatch):
+    lopt = MLPLOpt()
+    rule = dataclasses.replace(lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0))))
+    rule = dataclasses.replace(rule, chunk_size=20)
+    seen = []
+    original = type(rule)._tensor_update_fused
+
+    def spy(self, g, *args):
+        seen.append(tuple(g.shape))
+        return original(self, g, *args)
+
+    monkeypatch.setattr(type(rule), "_tensor_update_fused", spy)
+    params = {"small": torch.randn(4, 5), "large": torch.randn(3, 7), "vector": torch.randn(21)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    rule.update(grads, rule.init(params), params, step=0)
+    assert seen == [(3, 7), (21,)]
+
+
+def test_fused_step_on_non_contiguous_tensors_and_low_precision_params():
+    lopt = MLPLOpt()
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    reference, fused = rules(lopt, meta, 16)
+    base = torch.randn(12, 10)
+    params = {"t": base.T, "strided": torch.randn(9, 8)[::2, 1:], "bf16": torch.randn(6, 7)}
+    params["bf16"] = params["bf16"].to(torch.bfloat16)
+    grads = {"t": torch.randn(12, 10).T, "strided": torch.randn(5, 7), "bf16": params["bf16"] * 2}
+    assert not params["t"].is_contiguous() and not grads["t"].is_contiguous()
+    state = reference.init(params)
+    u_ref, s_ref = reference.reference_update(grads, state, params, step=2)
+    u_fused, s_fused = fused.fused_update(grads, state, params, step=2)
+    assert {k: u.dtype for k, u in u_fused.items()} == {k: p.dtype for k, p in params.items()}
+    assert_trees_close(u_fused, u_ref, rtol=1e-5, atol=1e-6 * max_abs(u_ref))
+    assert_trees_close(s_fused, s_ref, rtol=0, atol=0)
+
+
+def test_fused_step_vmaps_over_a_population_like_a_python_loop():
+    lopt = MLPLOpt()
+    rule = dataclasses.replace(
+        lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0)), lr=2.0), chunk_size=9
+    )
+    population = [{"w": torch.randn(6, 5), "b": torch.randn(11)} for _ in range(4)]
+    stacked = {k: torch.stack([p[k] for p in population]) for k in population[0]}
+    grads = [{k: torch.randn_like(v) for k, v in p.items()} for p in population]
+    stacked_grads = {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
+    steps = torch.tensor([0, 3, 50, 4000])
+
+    def one(grads, state, params, step):
+        return rule.fused_update(grads, state, params, step=step)
+
+    batched, _ = vmap(one)(stacked_grads, vmap(rule.init)(stacked), stacked, steps)
+    for i, params in enumerate(population):
+        expected, _ = rule.reference_update(grads[i], rule.init(params), params, step=int(steps[i]))
+        for k in expected:
+            torch.testing.assert_close(batched[k][i], expected[k], rtol=1e-5, atol=1e-8)
+
+
+def unrolled_loss(rule_update, rule, params, steps: int = 4):
+    """Sum of the losses of a diagonal quadratic along an unroll (differentiable)."""
+    curvature = {k: torch.linspace(0.5, 3.0, p.numel(), dtype=p.dtype) for k, p in params.items()}
+    state = rule.init(params)
+    total = 0.0
+    for t in range(steps):
+        grads = {k: curvature[k].reshape(p.shape) * p for k, p in params.items()}
+        total = total + sum(0.5 * (grads[k] * p).sum() for k, p in params.items())
+        updates, state = rule_update(grads, state, params, step=t)
+        params = {k: params[k] + updates[k] for k in params}
+    return total
+
+
+def test_meta_gradients_through_the_fused_step_equal_the_reference():
+    lopt = MLPLOpt()
+    meta = {
+        k: v.double().requires_grad_()
+        for k, v in lopt.init_meta(torch.Generator().manual_seed(0)).items()
+    }
+    g = torch.Generator().manual_seed(3)
+    params = {
+        "w": torch.randn(7, 6, generator=g, dtype=torch.float64),
+        "conv": torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64),
+        "b": torch.randn(13, generator=g, dtype=torch.float64),
+    }
+    rule = dataclasses.replace(lopt.rule(meta, lr=300.0), chunk_size=10)
+    names = list(meta)
+    ref = torch.autograd.grad(unrolled_loss(rule.reference_update, rule, params), meta.values())
+    fused = torch.autograd.grad(unrolled_loss(rule.fused_update, rule, params), meta.values())
+    assert any(float(r.abs().max()) > 0 for r in ref)
+    for name, r, f in zip(names, ref, fused, strict=True):
+        torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_feature_slices_cover_the_reference_columns_once():
+    lopt = MLPLOpt()
+    widths = {group: len(decays) for group, decays in lopt.decays.items()}
+    slices = feature_slices(widths)
+    covered = sorted(i for s in slices.values() for i in range(s.start, s.stop))
+    assert covered == list(range(lopt.num_features))
+
+
+def test_chunk_size_must_be_a_positive_integer():
+    lopt = MLPLOpt()
+    rule = lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        dataclasses.replace(rule, chunk_size=0)
