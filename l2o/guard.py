@@ -18,6 +18,15 @@ vmaps inside meta-training unrolls and runs under the generic ``torch.optim`` ad
 vmap (a tensor ``step``, possibly different per member) both losses are evaluated every step
 and ``compare_every`` selects which comparisons count.
 
+``deferred=True`` makes the comparison cost one loss-and-gradient evaluation instead of two.
+The learned candidate is taken tentatively and the fallback candidate kept; the next step's
+loss evaluator (the next batch, in a training loop) is evaluated at both, which costs only the
+fallback side, because the loss and gradient at the current parameters are what every step
+computes anyway. The winner's gradient is the one the next candidates are computed from, so
+the guarantee is LGL2O's with each comparison made on the next batch (a batch the candidates
+were not computed from) instead of the current one. The last tentative step of a run is
+confirmed by :meth:`GuardRule.settle` (``GuardedLearnedOptimizer.settle(closure)``).
+
 Non-finite state is never kept: when a side's new state holds a NaN or inf (a gradient with an
 inf entry, an overflow), that side's state restarts from ``init`` and ``state_resets`` counts it,
 so one bad gradient cannot disable the guard for the rest of training.
@@ -37,7 +46,14 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from l2o.learned.optimizer import CheckpointedOptimizer, CheckpointedRules
 from l2o.optim import registry
-from l2o.optim.adapter import GROUP_PREFIX, ClosureLoss, scalar_loss
+from l2o.optim.adapter import (
+    GROUP_PREFIX,
+    ClosureLoss,
+    _has_slots,
+    _join_state,
+    _store_state,
+    scalar_loss,
+)
 from l2o.optim.base import (
     LossFn,
     Params,
@@ -104,12 +120,15 @@ class GuardRule(UpdateRule):
         fallback: the hand-designed rule whose convergence the guard inherits.
         lr: multiplier on the learned update (what LR schedulers scale).
         compare_every: compare losses on every n-th step (1 = every step).
+        deferred: compare on the next step's loss evaluator, at the cost of one evaluation
+            (see the module docstring).
     """
 
     learned: UpdateRule
     fallback: UpdateRule
     lr: float = 1.0
     compare_every: int = 1
+    deferred: bool = False
 
     needs_loss_fn: ClassVar[bool] = True
 
@@ -122,6 +141,8 @@ class GuardRule(UpdateRule):
         check_hyperparameter("lr", self.lr)
         if not isinstance(self.compare_every, int) or self.compare_every < 1:
             raise ValueError(f"compare_every must be an integer >= 1, got {self.compare_every!r}")
+        if not isinstance(self.deferred, bool):
+            raise ValueError(f"deferred must be True or False, got {self.deferred!r}")
 
     def parameter_slots(self) -> frozenset[str] | None:
         parts = {
@@ -130,17 +151,27 @@ class GuardRule(UpdateRule):
         }
         if any(slots is None for slots in parts.values()):
             return None  # a side that does not declare its slots: let the adapter infer all
-        return frozenset(f"{side}/{path}" for side, slots in parts.items() for path in slots)
+        slots = {f"{side}/{path}" for side, slots in parts.items() for path in slots}
+        return frozenset(slots | ({"pending"} if self.deferred else set()))
 
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
-        # The two rules are fixed for the guard's lifetime; these are what param groups carry.
+        # The two rules and the mode are fixed for the guard's lifetime (a deferred guard's
+        # state holds a pending candidate); these are what param groups carry.
         return ("lr", "compare_every")
 
     def init(self, params: Params) -> GuardState:
         device = next(iter(params.values())).device
         counter = torch.zeros((), dtype=torch.int64, device=device)
+        deferred = {}
+        if self.deferred:
+            # The fallback candidate awaiting the next step's comparison, and whether one is.
+            deferred = {
+                "pending": {k: torch.zeros_like(p) for k, p in params.items()},
+                "has_pending": torch.zeros((), dtype=torch.bool, device=device),
+            }
         return {
+            **deferred,
             "learned": self.learned.init(params),
             "fallback": self.fallback.init(params),
             "learned_steps": counter,
@@ -169,6 +200,36 @@ class GuardRule(UpdateRule):
                 "call optimizer.step(closure) with a closure that returns the loss"
             )
         loss_fn = as_loss_fn(loss_fn)
+        if self.deferred:
+            return self._deferred_update(grads, state, params, step, loss_fn)
+        candidates = self._candidates(grads, state, params, step, loss_fn)
+        learned_updates, fallback_updates, learned_ok, fallback_ok = candidates[:4]
+
+        if _batched(step):  # under vmap: no data-dependent skipping of the losses
+            compares = (step % self.compare_every == 0).reshape(())
+            measured = self._compare(params, learned_updates, fallback_updates, loss_fn)
+            choice = torch.where(compares, measured, state["last_choice"])
+            compared = compares.long()
+        elif int(step) % self.compare_every == 0:
+            choice = self._compare(params, learned_updates, fallback_updates, loss_fn)
+            compared = torch.ones((), dtype=torch.int64, device=choice.device)
+        else:
+            choice = state["last_choice"]
+            compared = torch.zeros((), dtype=torch.int64, device=choice.device)
+        # Whatever was decided, a non-finite candidate never reaches the parameters.
+        choice = torch.where((choice == LEARNED) & ~learned_ok, FALLBACK, choice)
+        choice = torch.where((choice == FALLBACK) & ~fallback_ok, NO_STEP, choice)
+
+        updates = _select(choice, learned_updates, fallback_updates, params)
+        new_state = _count(state, choice, compared)
+        new_state.update(_inner_states(state, candidates[4:]))
+        return updates, new_state
+
+    def _candidates(
+        self, grads: Params, state: State, params: Params, step: Step, loss_fn: LossFn
+    ) -> tuple[Params, Params, Tensor, Tensor, State, State, Tensor]:
+        """Both sides' candidate updates from ``params``, whether each is finite, and both
+        sides' new states (reset to ``init`` where non-finite) with the number of resets."""
         fallback_loss_fn = loss_fn if self.fallback.needs_loss_fn else None
         learned_updates, learned_state = self.learned.update(
             grads, state["learned"], params, step=step
@@ -185,63 +246,138 @@ class GuardRule(UpdateRule):
         fallback_state, fallback_reset = _finite_or_fresh(
             fallback_state, lambda: self.fallback.init(params)
         )
-
-        if isinstance(step, Tensor):  # under vmap: no data-dependent skipping of the losses
-            compares = (step % self.compare_every == 0).reshape(())
-            measured = self._compare(params, learned_updates, fallback_updates, loss_fn)
-            choice = torch.where(compares, measured, state["last_choice"])
-            compared = compares.long()
-        elif int(step) % self.compare_every == 0:
-            choice = self._compare(params, learned_updates, fallback_updates, loss_fn)
-            compared = torch.ones((), dtype=torch.int64, device=choice.device)
-        else:
-            choice = state["last_choice"]
-            compared = torch.zeros((), dtype=torch.int64, device=choice.device)
-        # Whatever was decided, a non-finite candidate never reaches the parameters.
-        choice = torch.where((choice == LEARNED) & ~learned_ok, FALLBACK, choice)
-        choice = torch.where((choice == FALLBACK) & ~fallback_ok, NO_STEP, choice)
-
-        updates = {
-            k: torch.where(
-                choice == LEARNED,
-                learned_updates[k],
-                torch.where(choice == FALLBACK, fallback_updates[k], torch.zeros_like(p)),
-            )
-            for k, p in params.items()
-        }
-        took_learned = (choice == LEARNED).long()
-        slot = state["recent_count"] % ACCEPT_WINDOW
-        recent = torch.where(
-            torch.arange(ACCEPT_WINDOW, device=slot.device) == slot, took_learned, state["recent"]
+        resets = learned_reset + fallback_reset
+        return (
+            learned_updates,
+            fallback_updates,
+            learned_ok,
+            fallback_ok,
+            learned_state,
+            fallback_state,
+            resets,
         )
-        new_state = {
-            "learned": learned_state,
-            "fallback": fallback_state,
-            "learned_steps": state["learned_steps"] + took_learned,
-            "fallback_steps": state["fallback_steps"] + (choice == FALLBACK).long(),
-            "skipped_steps": state["skipped_steps"] + (choice == NO_STEP).long(),
-            "comparisons": state["comparisons"] + compared,
-            # Remember the side that won the last comparison, not a forced substitution.
-            "last_choice": torch.where(compared.bool(), choice, state["last_choice"]),
-            "recent": recent,
-            "recent_count": state["recent_count"] + 1,
-            "state_resets": state.get("state_resets", torch.zeros_like(compared))
-            + learned_reset
-            + fallback_reset,
-        }
+
+    def _deferred_update(
+        self, grads: Params, state: State, params: Params, step: Step, loss_fn: LossFn
+    ) -> tuple[Params, State]:
+        """``deferred=True``: decide the pending comparison on this step's loss, step from the
+        winner with the winner's gradient, and leave the new comparison pending."""
+        if self.compare_every != 1:
+            raise ValueError(
+                "a deferred guard compares on every step: use compare_every=1 with deferred=True"
+            )
+        base, grads, state = self._settle(grads, state, params, loss_fn, batched=_batched(step))
+        candidates = self._candidates(grads, state, base, step, loss_fn)
+        learned_updates, fallback_updates, learned_ok, fallback_ok = candidates[:4]
+        # The learned candidate is taken; if the fallback's is finite, the next step compares
+        # them. Otherwise the choice is made (and counted) now, as without deferral.
+        pending = learned_ok & fallback_ok
+        choice = torch.where(learned_ok, LEARNED, torch.where(fallback_ok, FALLBACK, NO_STEP))
+        chosen = _select(choice, learned_updates, fallback_updates, params)
+        updates = {k: base[k] - params[k] + chosen[k] for k in params}
+        new_state = _count(state, choice, torch.zeros_like(state["comparisons"]), where=~pending)
+        new_state.update(_inner_states(state, candidates[4:]))
+        new_state["pending"] = {k: base[k] + fallback_updates[k] for k in params}
+        new_state["has_pending"] = pending
         return updates, new_state
+
+    def settle(self, state: State, params: Params, loss_fn: LossFn) -> tuple[Params, State]:
+        """Decide a deferred guard's pending comparison at ``params`` (the tentative learned
+        candidate) without taking a new step: the updates that move to the winner, and the
+        new state. No change when nothing is pending or the guard is not deferred."""
+        if not self.deferred:
+            return {k: torch.zeros_like(p) for k, p in params.items()}, state
+        grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        base, _, state = self._settle(grads, state, params, as_loss_fn(loss_fn), batched=False)
+        return {k: base[k] - params[k] for k in params}, state
+
+    def _settle(
+        self, grads: Params, state: State, params: Params, loss_fn: LossFn, *, batched: bool
+    ) -> tuple[Params, Params, State]:
+        """The pending comparison decided on ``loss_fn``: the winner (``params``, the tentative
+        learned candidate, or the pending fallback candidate), its gradient, and the state
+        with the decision counted and nothing pending."""
+        has_pending = state["has_pending"]
+        if not batched and not bool(has_pending):
+            return params, grads, state
+        pending = state["pending"]
+        if batched:  # under vmap every member evaluates; one with nothing pending ignores it
+            pending = {k: torch.where(has_pending, pending[k], params[k]) for k in params}
+        known = loss_fn.known_loss
+        learned_loss = known if known is not None else loss_fn(params)
+        fallback_loss, fallback_grads = loss_fn.value_and_grad(pending)
+        choice = _winner(learned_loss, fallback_loss)
+        learned_won = choice == LEARNED
+        base = {k: torch.where(learned_won, params[k], pending[k]) for k in params}
+        grads = {k: torch.where(learned_won, grads[k], fallback_grads[k]) for k in params}
+        settled = _count(state, choice, has_pending.long(), where=has_pending)
+        settled["has_pending"] = torch.zeros_like(has_pending)
+        return base, grads, settled
 
     def _compare(
         self, params: Params, learned_updates: Params, fallback_updates: Params, loss_fn: LossFn
     ) -> Tensor:
         learned_loss = loss_fn(apply_updates(params, learned_updates))
         fallback_loss = loss_fn(apply_updates(params, fallback_updates))
-        learned_loss = scalar_loss(learned_loss, "the guard's loss_fn")
-        fallback_loss = scalar_loss(fallback_loss, "the guard's loss_fn")
-        learned_wins = torch.isfinite(learned_loss) & (
-            (learned_loss <= fallback_loss) | ~torch.isfinite(fallback_loss)
+        return _winner(learned_loss, fallback_loss)
+
+
+def _batched(step: Step) -> bool:
+    """A tensor ``step`` means a vmapped unroll: no data-dependent Python branching."""
+    return isinstance(step, Tensor)
+
+
+def _winner(learned_loss: Any, fallback_loss: Any) -> Tensor:
+    """LEARNED if the learned loss is finite and no worse (or the fallback's is not finite)."""
+    learned_loss = scalar_loss(learned_loss, "the guard's loss_fn")
+    fallback_loss = scalar_loss(fallback_loss, "the guard's loss_fn")
+    learned_wins = torch.isfinite(learned_loss) & (
+        (learned_loss <= fallback_loss) | ~torch.isfinite(fallback_loss)
+    )
+    return torch.where(learned_wins, LEARNED, FALLBACK).to(torch.int64)
+
+
+def _select(choice: Tensor, learned: Params, fallback: Params, params: Params) -> Params:
+    """The chosen side's updates (zero for NO_STEP)."""
+    return {
+        k: torch.where(
+            choice == LEARNED,
+            learned[k],
+            torch.where(choice == FALLBACK, fallback[k], torch.zeros_like(p)),
         )
-        return torch.where(learned_wins, LEARNED, FALLBACK).to(torch.int64)
+        for k, p in params.items()
+    }
+
+
+def _count(state: State, choice: Tensor, compared: Tensor, where: Tensor | None = None) -> State:
+    """``state`` with the decision ``choice`` counted (only where ``where``, if given): the
+    per-side counters, comparisons, the last comparison's winner and the ring buffer of recent
+    choices. Every other entry is carried over."""
+    count = torch.ones_like(compared) if where is None else where.long()
+    took_learned = (choice == LEARNED).long() * count
+    slot = state["recent_count"] % ACCEPT_WINDOW
+    written = (torch.arange(ACCEPT_WINDOW, device=slot.device) == slot) & count.bool()
+    return {
+        **state,
+        "learned_steps": state["learned_steps"] + took_learned,
+        "fallback_steps": state["fallback_steps"] + (choice == FALLBACK).long() * count,
+        "skipped_steps": state["skipped_steps"] + (choice == NO_STEP).long() * count,
+        "comparisons": state["comparisons"] + compared,
+        # Remember the side that won the last comparison, not a forced substitution.
+        "last_choice": torch.where(compared.bool(), choice, state["last_choice"]),
+        "recent": torch.where(written, took_learned, state["recent"]),
+        "recent_count": state["recent_count"] + count,
+    }
+
+
+def _inner_states(state: State, parts: tuple[State, State, Tensor]) -> State:
+    """The two sides' new states and the updated reset counter."""
+    learned_state, fallback_state, resets = parts
+    return {
+        "learned": learned_state,
+        "fallback": fallback_state,
+        "state_resets": state.get("state_resets", torch.zeros_like(resets)) + resets,
+    }
 
 
 def guard_stats(state: State) -> dict[str, float]:
@@ -271,6 +407,11 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
     on whatever ``f`` computes instead (e.g. a fixed or held-out batch; ``f`` need not call
     ``backward`` and runs without autograd). Each param group is guarded on its own.
 
+    ``deferred=True`` compares each step's candidates on the next step's closure (one extra
+    forward and backward per step instead of two; see :mod:`l2o.guard`). The parameters
+    between steps are then the tentative learned candidate: call :meth:`settle` with a closure
+    before evaluating or saving the final model to decide the last comparison.
+
     Args:
         params: parameters or param-group dicts.
         checkpoint: a shipped checkpoint name (``"default"``) or a checkpoint path.
@@ -278,6 +419,7 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         fallback_kwargs: the fallback's hyper-parameters (e.g. ``{"lr": 1e-3}``).
         lr: multiplier on the learned step (what LR schedulers scale).
         compare_every: compare losses every n-th step (in between, the last winner is taken).
+        deferred: compare on the next step's closure (cheaper; see above).
     """
 
     def __init__(
@@ -288,6 +430,7 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         fallback_kwargs: Mapping[str, Any] | None = None,
         lr: float = 1.0,
         compare_every: int = 1,
+        deferred: bool = False,
     ) -> None:
         self.learned = CheckpointedRules(checkpoint)
         fallback_kwargs = dict(fallback_kwargs or {})
@@ -302,11 +445,15 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
             "fallback": fallback,
             "fallback_kwargs": {k: v for k, v in fallback_kwargs.items() if _plain(v)},
         }
+        if deferred:  # its state holds a pending candidate: never resumed by a plain guard
+            identity["deferred"] = True
         self._guard_closure: Callable[[], Any] | None = None
         self._warned_reset = False
 
         def guard_rule(device: torch.device) -> GuardRule:
-            return GuardRule(learned=self.learned.rule(device), fallback=self.fallback)
+            return GuardRule(
+                learned=self.learned.rule(device), fallback=self.fallback, deferred=deferred
+            )
 
         super().__init__(params, guard_rule, identity, lr=lr, compare_every=compare_every)
 
@@ -316,6 +463,12 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         guard_closure: Callable[[], Any] | None = None,
     ) -> Any:
         """One guarded step; see the class docstring for ``closure`` and ``guard_closure``."""
+        if guard_closure is not None and self.rule.deferred:
+            raise ValueError(
+                "a deferred guard compares on the training closure's next batch, so it takes no "
+                "guard_closure; build the optimizer with deferred=False to compare on another "
+                "batch"
+            )
         self._guard_closure = guard_closure
         try:
             loss = super().step(closure)
@@ -323,6 +476,32 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
             self._guard_closure = None
         self._warn_once_on_reset()
         return loss
+
+    @torch.no_grad()
+    def settle(self, closure: Callable[[], Any]) -> None:
+        """A deferred guard: decide the last step's pending comparison on ``closure``'s loss,
+        leaving the parameters at the winner (no new step is taken). Call it before
+        evaluating or saving the final model; later steps go on as before. Nothing happens
+        when the guard is not deferred or nothing is pending."""
+        if not self.rule.deferred:
+            return
+        for group in self.param_groups:
+            live = {str(i): p for i, p in enumerate(group["params"]) if _has_slots(self.state[p])}
+            if not live:
+                continue
+            rule = self._group_rule(group)
+            anchor = self.state[group["params"][0]]
+            state = _join_state({k: self.state[p] for k, p in live.items()}, anchor)
+            params = {k: p.detach().clone() for k, p in live.items()}
+            try:
+                updates, new_state = rule.settle(state, params, ClosureLoss(closure, live))
+            finally:  # the closure moved the live parameters (or raised): put them back
+                for k, p in live.items():
+                    p.copy_(params[k])
+            for k, p in live.items():
+                p.add_(updates[k])
+            per_param = {k: self.state[p] for k, p in live.items()}
+            _store_state(new_state, per_param, anchor, rule.parameter_slots())
 
     def _warn_once_on_reset(self) -> None:
         if self._warned_reset:

@@ -93,10 +93,10 @@ def test_one_inf_gradient_entry_resets_the_state_instead_of_poisoning_it():
     assert _all_state_finite(opt)
 
 
-@pytest.mark.parametrize("fail_at_call", [2, 3])
-def test_a_closure_that_raises_mid_step_leaves_everything_as_before(fail_at_call):
+@pytest.mark.parametrize(("fail_at_call", "deferred"), [(2, False), (3, False), (2, True)])
+def test_a_closure_that_raises_mid_step_leaves_everything_as_before(fail_at_call, deferred):
     model, (x, y) = _model(), _data()
-    opt = l2o.GuardedLearnedOptimizer(model.parameters())
+    opt = l2o.GuardedLearnedOptimizer(model.parameters(), deferred=deferred)
     for _ in range(2):
         opt.step(_closure(opt, model, x, y))
     params = [p.detach().clone() for p in model.parameters()]
@@ -106,7 +106,8 @@ def test_a_closure_that_raises_mid_step_leaves_everything_as_before(fail_at_call
 
     def flaky():
         calls["n"] += 1
-        if calls["n"] == fail_at_call:  # 1: the step's own; 2, 3: the candidates
+        # 1: the step's own; 2, 3: the candidates (deferred: 2, the pending one)
+        if calls["n"] == fail_at_call:
             raise RuntimeError("data loader died")
         return inner()
 

@@ -451,3 +451,201 @@ def test_guarded_optimizer_keeps_the_parameter_dtype(checkpoint, dtype):
         losses.append(float(opt.step(closure).detach()))
     assert losses[-1] < losses[0]
     assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- deferred comparisons (the cheaper guard) ------------------------------------------------
+
+
+def deferred_run(loss, params, learned, fallback, steps):
+    """Run a deferred guard; yield (params, state, the previous fallback candidate)."""
+    guard = GuardRule(learned=learned, fallback=fallback, deferred=True)
+    state = guard.init(params)
+    for step in range(steps):
+        pending = dict(state["pending"]) if bool(state["has_pending"]) else None
+        grads = torch.func.grad(loss)(params)
+        updates, state = guard.update(grads, state, params, step=step, loss_fn=loss)
+        yield guard, apply_updates(params, updates), state, pending, params
+        params = apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_deferred_guard_keeps_the_better_candidate_and_converges_on_strongly_convex_quadratics(
+    seed,
+):
+    loss, params, minimum, lipschitz = quadratic(seed)
+    learned, fallback = ScaledSignRule(lr=0.3), get("sgd", lr=1.0 / lipschitz)
+    *_, (guard, final, state, _, _) = deferred_run(loss, params, learned, fallback, 300)
+    assert bool(state["has_pending"])  # the last learned candidate awaits its comparison
+    updates, state = guard.settle(state, final, loss)
+    final = apply_updates(final, updates)
+    assert float(loss(final) - minimum) < 1e-8  # SGD with lr=1/L converges; so does the guard
+    stats = guard_stats(state)
+    assert stats["learned_steps"] > 0 and stats["fallback_steps"] > 0
+    assert stats["learned_steps"] + stats["fallback_steps"] == 300
+    assert not bool(state["has_pending"])
+
+
+def test_deferred_guard_step_starts_from_the_winner_with_the_winners_gradient():
+    loss, params, _, lipschitz = quadratic(4)
+    fallback = get("sgd", lr=1.0 / lipschitz)
+    run = deferred_run(loss, params, ScaledSignRule(lr=0.3), fallback, 40)
+    for _, after, state, pending, before in run:
+        if pending is None:
+            continue
+        winner = before if loss(before) <= loss(pending) else pending
+        # SGD's new candidate, kept pending, is the winner minus lr times the winner's gradient.
+        grads = torch.func.grad(loss)(winner)
+        expected = winner["x"] - grads["x"] / lipschitz
+        if bool(state["has_pending"]):
+            torch.testing.assert_close(state["pending"]["x"], expected)
+        assert torch.isfinite(after["x"]).all()
+
+
+def test_deferred_guard_never_lets_a_nonfinite_update_reach_the_parameters():
+    loss, params, _, lipschitz = quadratic(0)
+    fallback = get("sgd", lr=1.0 / lipschitz)
+    *_, (_, final, state, _, _) = deferred_run(loss, params, FaultyRule(), fallback, 8)
+    assert torch.isfinite(final["x"]).all()
+    assert int(state["learned"]["count"]) == 8  # the learned state advanced every step
+    assert guard_stats(state)["fallback_steps"] >= 3  # every faulty step fell back at once
+    *_, (_, _, state, _, _) = deferred_run(
+        loss, params, FaultyRule(bad_steps=(0,)), FaultyRule(bad_steps=(0,)), 1
+    )
+    assert guard_stats(state)["skipped_steps"] == 1
+
+
+def test_deferred_guard_vmaps_over_a_population_like_a_loop():
+    tasks = [quadratic(s) for s in range(3)]
+    learned, fallback = ScaledSignRule(lr=0.2), get("sgd", lr=0.05)
+    loop = [list(deferred_run(loss, p, learned, fallback, 6))[-1][1]["x"] for loss, p, *_ in tasks]
+    guard = GuardRule(learned=learned, fallback=fallback, deferred=True)
+
+    def run(x, a, b):
+        def loss(p):
+            return 0.5 * p["x"] @ a @ p["x"] - b @ p["x"]
+
+        params, state = {"x": x}, guard.init({"x": x})
+        for step in range(6):
+            grads = torch.func.grad(loss)(params)
+            updates, state = guard.update(
+                grads, state, params, step=torch.tensor(step), loss_fn=loss
+            )
+            params = apply_updates(params, updates)
+        return params["x"]
+
+    a, b, x0 = [], [], []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+        eig = torch.logspace(0, math.log10(20.0), 6, dtype=torch.float64)
+        a.append(q @ torch.diag(eig) @ q.T)
+        b.append(torch.randn(6, generator=g, dtype=torch.float64))
+        x0.append(tasks[seed][1]["x"])
+    vmapped = torch.func.vmap(run)(torch.stack(x0), torch.stack(a), torch.stack(b))
+    torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-12, atol=1e-12)
+
+
+def test_deferred_guard_refuses_compare_every():
+    loss, params, _, _ = quadratic(0)
+    guard = GuardRule(
+        learned=ScaledSignRule(), fallback=get("sgd", lr=0.01), deferred=True, compare_every=2
+    )
+    with pytest.raises(ValueError, match="compare_every=1"):
+        guard.update(
+            torch.func.grad(loss)(params), guard.init(params), params, step=0, loss_fn=loss
+        )
+
+
+def _counting_closure(model, opt, x, y, calls):
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_deferred_dropin_guard_evaluates_the_closure_twice_per_step_and_settles(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=30.0, deferred=True)
+    calls = []
+    for _ in range(10):
+        opt.step(_counting_closure(model, opt, x, y, calls))
+    assert len(calls) == 1 + 2 * 9  # the first step has nothing pending
+    stats = opt.guard_stats
+    assert stats["learned_steps"] + stats["fallback_steps"] == 9
+    assert stats["comparisons"] == 9
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.settle(_counting_closure(model, opt, x, y, calls))
+    assert opt.guard_stats["comparisons"] == 10
+    assert opt.guard_stats["learned_steps"] + opt.guard_stats["fallback_steps"] == 10
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert moved == (opt.guard_stats["last_choice"] == "fallback")
+    opt.settle(_counting_closure(model, opt, x, y, calls))  # nothing pending: no evaluation
+    assert opt.guard_stats["comparisons"] == 10 and len(calls) == 21
+
+
+def test_deferred_dropin_guard_rejects_overflowing_learned_steps(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, lr=1e38, deferred=True)
+    _train(model, opt, x, y, 3)
+    opt.settle(_counting_closure(model, opt, x, y, []))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.guard_stats["fallback_steps"] == 3
+
+
+def test_deferred_dropin_guard_rescues_a_diverging_learned_optimizer(checkpoint):
+    # A huge (finite) learned step size: alone it diverges; guarded it does as well as Adam.
+    def final_loss(make):
+        model, x, y = _model_and_data()
+        opt = make(model)
+        losses = _train(model, opt, x, y, 60)
+        if isinstance(opt, GuardedLearnedOptimizer):
+            opt.settle(_counting_closure(model, opt, x, y, []))
+        return losses, float(nn.functional.cross_entropy(model(x), y).detach())
+
+    alone, alone_final = final_loss(
+        lambda m: LearnedOptimizer(m.parameters(), checkpoint=checkpoint, lr=3e4)
+    )
+    _, adam_final = final_loss(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    guarded, guarded_final = final_loss(
+        lambda m: GuardedLearnedOptimizer(
+            m.parameters(), checkpoint=checkpoint, lr=3e4, deferred=True
+        )
+    )
+    assert not alone_final < alone[0]  # the learned optimizer alone makes things worse
+    assert guarded_final < guarded[0] and guarded_final <= adam_final * 1.02
+
+
+def test_deferred_dropin_state_dict_mid_run_continues_identically(checkpoint, tmp_path):
+    model, x, y = _model_and_data()
+
+    def make(m):
+        return GuardedLearnedOptimizer(
+            m.parameters(), checkpoint=checkpoint, lr=30.0, deferred=True
+        )
+
+    opt = make(model)
+    _train(model, opt, x, y, 5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "s.pt")
+    reference = _train(model, opt, x, y, 5)
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    model2, _, _ = _model_and_data(seed=123)
+    model2.load_state_dict(saved["model"])
+    opt2 = make(model2)
+    opt2.load_state_dict(saved["opt"])
+    assert _train(model2, opt2, x, y, 5) == reference
+    assert opt2.guard_stats == opt.guard_stats
+    plain = GuardedLearnedOptimizer(model2.parameters(), checkpoint=checkpoint, lr=30.0)
+    with pytest.raises(ValueError, match="saved by"):
+        plain.load_state_dict(saved["opt"])
+
+
+def test_deferred_dropin_guard_takes_no_guard_closure(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, deferred=True)
+    closure = _counting_closure(model, opt, x, y, [])
+    with pytest.raises(ValueError, match="deferred=False"):
+        opt.step(closure, guard_closure=lambda: torch.tensor(0.0))
