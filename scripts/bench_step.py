@@ -1,17 +1,37 @@
-"""Optimizer step time of the drop-in classes against torch.optim.AdamW, measured in one run.
+"""Drop-in optimizer step cost against torch.optim.AdamW, every ratio measured in one run.
 
-Times ``opt.step(closure)`` (forward + backward inside the closure, as in a training loop) and
-the bare ``opt.step()`` where the class allows it, on an MLP of about ``--params`` parameters.
-Reports milliseconds per step and the ratio to AdamW (``fused=True`` on CUDA, ``foreach`` on CPU).
+Two measurements, on MLPs ``w -> w -> w -> 10`` sized to ``--params``:
 
-    python scripts/bench_step.py                 # CPU, and CUDA when present
-    python scripts/bench_step.py --width 1024 --devices cuda
+1. **The optimizer step alone** (gradients given, ``opt.step()``): torch AdamW
+   (``foreach=True`` on CPU, ``fused=True`` on CUDA), ``l2o.LearnedOptimizer`` (the fused,
+   blocked step) and the same optimizer on the reference path (every tensor's feature matrix
+   materialised, the oracle). Rounds are interleaved and the median taken, so a busy machine
+   slows every contender alike. Also: time per parameter, the learned MLP's arithmetic floor
+   (its multiply-adds per coordinate at this machine's measured matrix-multiply rate) and the
+   step's transient memory (peak above what was allocated before the step: CUDA's allocator
+   statistics, or on CPU the resident memory of a child process sampled every 0.2 ms, with
+   glibc told to return every allocation above 64 kB to the OS, which it otherwise keeps for
+   reuse; a child, not the timed process, because that setting slows small allocations).
+2. **A training step** ``opt.step(closure)`` with forward and backward inside the closure, as in
+   a training loop, including the guarded optimizer.
+
+    python scripts/bench_step.py                      # CPU, and CUDA when present
+    python scripts/bench_step.py --params 1e6 1e7 --devices cpu --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,10 +39,19 @@ from torch import nn
 import l2o
 from l2o.optim import Adam as L2OAdam
 
+#: Learned-MLP multiply-adds per coordinate, fused path: 22 per-coordinate features -> 32 ->
+#: 32 -> 2 (the row and column statistics' share of the first layer is computed per row/column).
+FUSED_MACS_PER_COORDINATE = 22 * 32 + 32 * 32 + 32 * 2
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _width(n_params: float) -> int:
+    # 2 w^2 + 13 w + 10 parameters (two w x w layers, a w x 10 head, biases).
+    return max(4, round((-13 + math.sqrt(169 + 8 * (n_params - 10))) / 4))
 
 
 def _model(width: int, device: torch.device) -> nn.Module:
@@ -32,63 +61,233 @@ def _model(width: int, device: torch.device) -> nn.Module:
     ).to(device)
 
 
-def _optimizers(device: torch.device):
-    adamw_kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+def _adamw(params, device: torch.device) -> torch.optim.Optimizer:
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=1e-3, **kw)
+
+
+def _reference_path(opt: l2o.LearnedOptimizer, device: torch.device) -> l2o.LearnedOptimizer:
+    """The same optimizer with the fused path switched off (every tensor below chunk_size)."""
+    rule = opt.learned.rule(device)
+    opt.learned._rules[device] = dataclasses.replace(rule, chunk_size=2**62)
+    return opt
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator statistics, or the resident set
+    size of this process sampled every 0.2 ms on CPU (large tensors are mmap-ed, so RSS follows
+    their allocation and release)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        self._start = self._rss()
+        self._high = self._start
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.0002):
+                self._high = max(self._high, self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._high, self._rss()) - self._start
+
+
+def matmul_rate(device: torch.device) -> float:
+    """This machine's float32 matrix-multiply rate (FLOP/s) on 2048 x 2048 operands."""
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    times = []
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / min(times)
+
+
+def _step_alone_contenders(device: torch.device) -> dict[str, Callable]:
     return {
-        "torch AdamW": lambda p: torch.optim.AdamW(p, lr=1e-3, **adamw_kw),
-        "l2o Adam (rule adapter)": lambda p: L2OAdam(p, lr=1e-3),
-        "l2o LearnedOptimizer": lambda p: l2o.LearnedOptimizer(p),
-        "l2o GuardedLearnedOptimizer": lambda p: l2o.GuardedLearnedOptimizer(p),
+        "torch AdamW": lambda p: _adamw(p, device),
+        "l2o LearnedOptimizer (fused)": lambda p: l2o.LearnedOptimizer(p),
+        "l2o LearnedOptimizer (reference)": lambda p: _reference_path(
+            l2o.LearnedOptimizer(p), device
+        ),
     }
 
 
-def bench(make, width: int, batch: int, device: torch.device, steps: int) -> float:
+def _prepared(make: Callable, width: int, device: torch.device) -> torch.optim.Optimizer:
+    """An optimizer over a fresh model with fixed gradients, its state already allocated."""
     model = _model(width, device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    opt = make(list(model.parameters()))
+    opt.step()
+    return opt
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    tensors = (t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return sum(t.numel() * t.element_size() for t in tensors if t.dim() > 0)
+
+
+def step_memory(n_params: float, device: torch.device) -> dict[str, tuple[int, int]]:
+    """Per contender: (transient bytes of one step, optimizer state bytes)."""
+    if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+        command = [sys.executable, __file__, "--memory-of", str(n_params), "--devices", "cpu"]
+        out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+        return {k: tuple(v) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
+    found = {}
+    for name, make in _step_alone_contenders(device).items():
+        opt = _prepared(make, _width(n_params), device)
+        with PeakMemory(device) as memory:
+            opt.step()
+        found[name] = (memory.peak, _state_bytes(opt))
+        del opt
+    return found
+
+
+def bench_step_alone(n_params: float, device: torch.device, rounds: int, steps: int) -> dict:
+    width = _width(n_params)
+    runs = {
+        name: {"opt": _prepared(make, width, device), "times": []}
+        for name, make in _step_alone_contenders(device).items()
+    }
+    for _ in range(rounds):  # interleaved: every contender sees the same machine load
+        for run in runs.values():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                run["opt"].step()
+            _sync(device)
+            run["times"].append((time.perf_counter() - start) / steps)
+    n = sum(p.numel() for p in _model(width, device).parameters())
+    return {"n": n, "medians": {k: statistics.median(v["times"]) for k, v in runs.items()}}
+
+
+def _train_step_contenders(device: torch.device) -> dict[str, Callable]:
+    return {
+        "torch AdamW": lambda p: _adamw(p, device),
+        "l2o Adam (rule adapter)": lambda p: L2OAdam(p, lr=1e-3),
+        "l2o LearnedOptimizer": lambda p: l2o.LearnedOptimizer(p),
+        "l2o GuardedLearnedOptimizer": lambda p: l2o.GuardedLearnedOptimizer(p),
+        "l2o GuardedLearnedOptimizer (deferred)": lambda p: l2o.GuardedLearnedOptimizer(
+            p, deferred=True
+        ),
+    }
+
+
+def bench_train_step(width: int, batch: int, device: torch.device, rounds: int, steps: int):
+    runs = {}
     x = torch.randn(batch, width, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    opt = make(model.parameters())
+    for name, make in _train_step_contenders(device).items():
+        model = _model(width, device)
+        opt = make(model.parameters())
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
 
-    for _ in range(3):
-        opt.step(closure)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step(closure)
-    _sync(device)
-    return (time.perf_counter() - start) / steps * 1e3
+        for _ in range(2):
+            opt.step(closure)
+        runs[name] = {"opt": opt, "closure": closure, "times": []}
+    for _ in range(rounds):
+        for run in runs.values():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                run["opt"].step(run["closure"])
+            _sync(device)
+            run["times"].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(run["times"]) for name, run in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--params", type=float, nargs="+", default=[1e5, 1e6, 1e7])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--train-width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--devices", nargs="+", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-of", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_of is not None:  # the child process of step_memory
+        print(json.dumps(step_memory(args.memory_of, torch.device(args.devices[0]))))
+        return
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         device = torch.device(dev)
-        n = sum(p.numel() for p in _model(args.width, device).parameters())
+        label = torch.cuda.get_device_name(device) if dev == "cuda" else "CPU"
+        rate = matmul_rate(device)
         print(
-            f"\n{device} ({torch.cuda.get_device_name(device) if dev == 'cuda' else 'CPU'}), "
-            f"MLP with {n} parameters, batch {args.batch}, step(closure) incl. fwd+bwd"
+            f"\n## {device} ({label}), torch {torch.__version__}, {torch.get_num_threads()} threads"
         )
-        print("| optimizer | ms / step | ratio to torch AdamW |")
+        print(f"float32 matmul rate (2048^2): {rate / 1e9:.0f} GFLOP/s")
+        print("\nOptimizer step alone (gradients given), median of interleaved rounds:\n")
+        print(
+            "| params | optimizer | ms / step | ratio to AdamW | ns / param "
+            "| transient MB | state MB |"
+        )
+        print("|---:|---|---:|---:|---:|---:|---:|")
+        for n_params in args.params:
+            result = bench_step_alone(n_params, device, args.rounds, args.steps)
+            n, medians = result["n"], result["medians"]
+            memory = step_memory(n_params, device)
+            base = medians["torch AdamW"]
+            for name, seconds in medians.items():
+                transient, state = memory[name]
+                print(
+                    f"| {n:,} | {name} | {seconds * 1e3:.2f} | {seconds / base:.1f} "
+                    f"| {seconds / n * 1e9:.1f} | {transient / 1e6:.1f} | {state / 1e6:.1f} |"
+                )
+            floor = 2 * FUSED_MACS_PER_COORDINATE * n / rate
+            fused = medians["l2o LearnedOptimizer (fused)"]
+            print(
+                f"| {n:,} | arithmetic floor of the learned MLP | {floor * 1e3:.2f} "
+                f"| {floor / base:.1f} | {floor / n * 1e9:.1f} | | |"
+            )
+            print(f"\nfused / floor at {n:,} parameters: {fused / floor:.1f}x\n")
+        n = sum(p.numel() for p in _model(args.train_width, device).parameters())
+        print(
+            f"\nTraining step opt.step(closure), MLP with {n:,} parameters, batch {args.batch}:\n"
+        )
+        print("| optimizer | ms / step | ratio to AdamW |")
         print("|---|---:|---:|")
-        base = None
-        for name, make in _optimizers(device).items():
-            ms = bench(make, args.width, args.batch, device, args.steps)
-            base = base or ms
-            print(f"| {name} | {ms:.2f} | {ms / base:.2f} |")
+        times = bench_train_step(args.train_width, args.batch, device, args.rounds, args.steps)
+        base = times["torch AdamW"]
+        for name, seconds in times.items():
+            print(f"| {name} | {seconds * 1e3:.2f} | {seconds / base:.2f} |")
 
 
 if __name__ == "__main__":
