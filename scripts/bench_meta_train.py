@@ -1,29 +1,35 @@
-"""Inner task-steps per second of a meta-training unroll: vmapped population vs a Python loop.
+"""Inner task-steps per second of meta-training unrolls, every ratio measured in one run.
 
-One task (an MLP classifier on digits), one learned optimizer (the MLP lopt); a population of P
-instances trained for K inner steps
+Configuration (the performance issue's): an MLP 40-32-32-10 on MNIST-1D, batch 64, truncation
+K=20, the shipped ``default`` learned optimizer inside, populations P. Paths:
 
-* vmapped: ``l2o.meta.unroll.unroll`` — all P instances in one ``torch.func.vmap`` per step;
-* loop:    the same arithmetic one instance at a time in a Python loop (``grad_and_value`` and
-           ``rule.update`` per instance and step), the naive way to train a population.
+* ``forward``: ``l2o.meta.unroll.unroll`` as ES/PES run it (per-member meta-parameters, no
+  autograd), eager;
+* ``forward, compiled``: the same with ``compile=True`` (one ``torch.compile``d graph per inner
+  step; compilation happens in the warm-up and is reported separately);
+* ``tbptt``: the eager unroll with autograd to the meta-parameters, forward and backward;
+* ``loop``: the same arithmetic one instance at a time in a Python loop (``--loop``), the naive
+  way to train a population (its rate does not depend on P; timed on at most 8 instances).
 
-in two modes: ``forward`` (no meta-gradient, as ES/PES run) and ``tbptt`` (forward + backward to
-the meta-parameters, as truncated BPTT runs). The loop's rate does not depend on P, so it is
-measured on at most ``--loop-cap`` instances. Prints a markdown table.
+Each path is timed ``--repeats`` times after a warm-up, interleaved, and the median kept.
+"steps/s" = instances x inner steps / wall time. The JAX side-by-side unroll the performance
+issue asks for is not part of this script yet (BENCHMARKS.md says what was measured).
 
-    python scripts/bench_meta_train.py              # P = 1, 64, 512; CPU and CUDA if present
-    python scripts/bench_meta_train.py --quick      # P = 1, 8, 64; fewer repeats
+    python scripts/bench_meta_train.py --threads 1
+    python scripts/bench_meta_train.py --populations 1 8 64 --devices cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch.func import grad_and_value
 
-from l2o.learned import get_lopt
+from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
 from l2o.meta.losses import get_meta_loss
 from l2o.meta.unroll import init_carry, unroll
 from l2o.optim.base import apply_updates
@@ -35,93 +41,115 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _meta(lopt, device, grad: bool):
-    meta = lopt.init_meta(torch.Generator().manual_seed(0))
-    return {k: v.to(device).requires_grad_(grad) for k, v in meta.items()}
+class Setup:
+    """The shipped learned optimizer and the task on ``device``, a population of P members."""
+
+    def __init__(self, device: torch.device, population: int, steps: int) -> None:
+        lopt, meta, _ = load_checkpoint(resolve_checkpoint("default"))
+        self.lopt, self.device, self.steps = lopt, device, steps
+        self.meta = {k: v.to(device) for k, v in meta.items()}
+        self.task = get_task("mlp", dataset="mnist1d", width=32, depth=2, batch_size=64)
+        self.task = self.task.to(device)
+        self.seeds = torch.arange(population, dtype=torch.int64)
+        g = torch.Generator().manual_seed(0)
+        self.stacked = {  # ES-style perturbed copies, one per member
+            k: (v + 0.01 * torch.randn((population, *v.shape), generator=g).to(device))
+            for k, v in self.meta.items()
+        }
+
+    def forward(self, compile: bool) -> None:
+        with torch.no_grad():
+            carry = init_carry(
+                self.lopt.rule, self.task, self.seeds, population_meta_params=self.stacked
+            )
+            unroll(
+                self.lopt.rule,
+                self.task,
+                carry,
+                self.steps,
+                population_meta_params=self.stacked,
+                compile=compile,
+            )
+
+    def tbptt(self) -> None:
+        meta = {k: v.detach().requires_grad_() for k, v in self.meta.items()}
+        rule = self.lopt.rule(meta)
+        with torch.no_grad():
+            carry = init_carry(rule, self.task, self.seeds)
+        result = unroll(rule, self.task, carry, self.steps)
+        loss = get_meta_loss("train_mean")(result.terms).mean()
+        torch.autograd.grad(loss, list(meta.values()))
+
+    def loop(self) -> None:
+        rule = self.lopt.rule(self.meta)
+        with torch.no_grad():
+            for seed in self.seeds[:8].tolist():
+                params = {k: v.to(self.device) for k, v in self.task.init_from_seed(seed).items()}
+                state = rule.init(params)
+                for step in range(self.steps):
+                    grads, _ = grad_and_value(self.task.loss)(params, self.task.batch(seed, step))
+                    updates, state = rule.update(grads, state, params, step=step)
+                    params = apply_updates(params, updates)
 
 
-def vmapped_truncation(lopt, task, seeds, steps, device, grad: bool) -> None:
-    meta = _meta(lopt, device, grad)
-    rule = lopt.rule(meta)
-    with torch.no_grad():
-        carry = init_carry(rule, task, seeds, device=device)
-    with torch.set_grad_enabled(grad):
-        result = unroll(rule, task, carry, steps)
-        if grad:
-            loss = get_meta_loss("train_mean")(result.terms).mean()
-            torch.autograd.grad(loss, list(meta.values()))
-
-
-def loop_truncation(lopt, task, seeds, steps, device, grad: bool) -> None:
-    meta = _meta(lopt, device, grad)
-    rule = lopt.rule(meta)
-    total = 0.0
-    with torch.set_grad_enabled(grad):
-        for seed in seeds.tolist():
-            params = {k: v.to(device) for k, v in task.init_from_seed(seed).items()}
-            state = rule.init(params)
-            for step in range(steps):
-                batch = task.batch(seed, step)
-                grads, loss = grad_and_value(task.loss)(params, batch)
-                updates, state = rule.update(grads, state, params, step=step)
-                params = apply_updates(params, updates)
-                total = total + loss
-        if grad:
-            torch.autograd.grad(total / len(seeds), list(meta.values()))
-
-
-def rate(fn, population: int, steps: int, repeats: int, device: torch.device, **kw) -> float:
-    """Inner task-steps per second of ``fn`` (one warm-up call, then ``repeats`` timed)."""
-    seeds = torch.arange(population, dtype=torch.int64)
-    fn(seeds=seeds, steps=steps, device=device, **kw)
-    _sync(device)
-    start = time.perf_counter()
+def measure(paths: dict[str, tuple[Callable, int]], repeats: int, device) -> dict:
+    """Median steps/s of each path (``fn``, instances it trains per call), and warm-up time."""
+    warmup, times = {}, {name: [] for name in paths}
+    for name, (fn, _) in paths.items():
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        warmup[name] = time.perf_counter() - start
     for _ in range(repeats):
-        fn(seeds=seeds, steps=steps, device=device, **kw)
-    _sync(device)
-    return population * steps * repeats / (time.perf_counter() - start)
+        for name, (fn, _) in paths.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: (instances / statistics.median(times[name]), warmup[name])
+        for name, (_, instances) in paths.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="P = 1, 8, 64 and fewer repeats")
-    parser.add_argument("--populations", type=int, nargs="+", default=None)
-    parser.add_argument("--steps", type=int, default=10, help="K, inner steps per truncation")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--loop-cap", type=int, default=32, help="instances the loop times")
+    parser.add_argument("--populations", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--steps", type=int, default=20, help="K, inner steps per truncation")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loop", action="store_true", help="also time the Python loop")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu [cuda]")
-    parser.add_argument("--modes", nargs="+", default=["forward", "tbptt"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
-
-    populations = args.populations or ([1, 8, 64] if args.quick else [1, 64, 512])
-    repeats = args.repeats or (1 if args.quick else 3)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    lopt = get_lopt("mlp")
     print(
-        f"task: MLP classifier on digits (width 32, depth 2, batch 32); lopt: mlp "
-        f"(hidden 32x32); K={args.steps} steps; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads\n"
+        f"MLP 40-32-32-10 on MNIST-1D, batch 64, K={args.steps}, learned optimizer: default; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n"
     )
-    print("| device | mode | P | vmapped steps/s | loop steps/s | speed-up |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| device | P | path | inner steps/s | ratio to eager forward | warm-up s |")
+    print("|---|---:|---|---:|---:|---:|")
     for name in devices:
         device = torch.device(name)
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        task = get_task("mlp", dataset="digits", width=32, depth=2, batch_size=32).to(device)
-        for mode in args.modes:
-            grad = mode == "tbptt"
-            kw = dict(lopt=lopt, task=task, grad=grad)
-            for population in populations:
-                loop_population = min(args.loop_cap, population)
-                loop = rate(loop_truncation, loop_population, args.steps, repeats, device, **kw)
-                vmapped = rate(vmapped_truncation, population, args.steps, repeats, device, **kw)
+        for population in args.populations:
+            setup = Setup(device, population, args.steps)
+            n = population * args.steps
+            paths = {
+                "forward": (lambda s=setup: s.forward(compile=False), n),
+                "forward, compiled": (lambda s=setup: s.forward(compile=True), n),
+                "tbptt": (setup.tbptt, n),
+            }
+            if args.loop:
+                paths["loop"] = (setup.loop, min(8, population) * args.steps)
+            rates = measure(paths, args.repeats, device)
+            base = rates["forward"][0]
+            for path, (steps_per_s, warmup) in rates.items():
                 print(
-                    f"| {label} | {mode} | {population} | {vmapped:,.0f} | {loop:,.0f} | "
-                    f"{vmapped / loop:.1f}x |",
+                    f"| {label} | {population} | {path} | {steps_per_s:,.0f} | "
+                    f"{steps_per_s / base:.2f} | {warmup:.1f} |",
                     flush=True,
                 )
 

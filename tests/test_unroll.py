@@ -203,3 +203,59 @@ def test_clipped_meta_loss_ignores_a_diverging_member_beyond_its_initial_loss():
         initial=torch.tensor([2.0], dtype=torch.float64),
     )
     assert get_meta_loss("clipped")(terms).item() == 1.0
+
+
+# -- compiled inner steps (the ES/PES forward path) ----------------------------------------------
+
+
+def _per_member_setup(lopt, task, population=4):
+    g = torch.Generator().manual_seed(0)
+    base = lopt.init_meta(g)
+    stacked = {
+        k: torch.stack([v + 0.01 * torch.randn(v.shape, generator=g) for _ in range(population)])
+        for k, v in base.items()
+    }
+    seeds = torch.arange(population, dtype=torch.int64)
+    return stacked, init_carry(lopt.rule, task, seeds, population_meta_params=stacked)
+
+
+def _assert_compiled_unroll_matches_eager(lopt, task, steps, rtol):
+    stacked, carry = _per_member_setup(lopt, task)
+    with torch.no_grad():
+        eager = unroll(lopt.rule, task, carry, steps, population_meta_params=stacked)
+        compiled = unroll(
+            lopt.rule, task, carry, steps, population_meta_params=stacked, compile=True
+        )
+        again = unroll(  # a second truncation from the compiled one's carry: no recompilation
+            lopt.rule, task, compiled.carry, steps, population_meta_params=stacked, compile=True
+        )
+        reference = unroll(lopt.rule, task, eager.carry, steps, population_meta_params=stacked)
+    torch.testing.assert_close(compiled.losses, eager.losses, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(again.losses, reference.losses, rtol=rtol, atol=1e-7)
+    for k in eager.carry["params"]:
+        torch.testing.assert_close(
+            again.carry["params"][k], reference.carry["params"][k], rtol=rtol, atol=1e-7
+        )
+
+
+def test_compiled_inner_steps_equal_the_eager_unroll():
+    _assert_compiled_unroll_matches_eager(MomentumLOpt(decay=0.3), Quadratic(noise=0.2), 4, 1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_inner_steps_of_the_mlp_learned_optimizer_equal_the_eager_unroll():
+    from l2o.learned import MLPLOpt
+    from l2o.tasks.registry import get_task
+
+    task = get_task("mlp", dataset="digits", width=16, depth=2, batch_size=16)
+    _assert_compiled_unroll_matches_eager(MLPLOpt(), task, 5, 1e-5)
+
+
+def test_compile_is_refused_outside_the_forward_per_member_path():
+    lopt, task = MomentumLOpt(decay=0.3), Quadratic()
+    stacked, carry = _per_member_setup(lopt, task)
+    rule = _rule()
+    with pytest.raises(ValueError, match="forward"):
+        unroll(rule, task, init_carry(rule, task, torch.tensor([1])), 1, compile=True)
+    with pytest.raises(ValueError, match="forward"):  # under autograd (TBPTT)
+        unroll(lopt.rule, task, carry, 1, population_meta_params=stacked, compile=True)

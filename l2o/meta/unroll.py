@@ -25,6 +25,12 @@ business: an unroll never crosses one.
 Either one rule is shared by the whole population, or (ES, PES) each member has its own
 meta-parameters: pass ``rule`` as a function ``meta_params -> UpdateRule`` (``lopt.rule``) and
 ``population_meta_params`` stacked along dim 0.
+
+``compile=True`` runs each inner step of that forward (ES, PES) path as one ``torch.compile``d
+graph: the vmapped gradient, the vmapped rule update and the parameter update fused by
+Inductor, instead of hundreds of small eager ops whose Python and dispatch overhead dominates
+for small inner networks. The eager path is the oracle it is tested against. Under autograd
+(TBPTT) compiling the step gave no speed-up here (BENCHMARKS.md), so it is not offered there.
 """
 
 from __future__ import annotations
@@ -142,6 +148,19 @@ def _population_grads_by_autograd(task: Task, params: Params, batch: Batch):
     return grads, losses
 
 
+def _forward_inner_step(factory, task: Task, params, state, step, batch, meta):
+    """One inner step of every member with its own meta-parameters (the ES/PES path)."""
+    grads, loss = vmap(grad_and_value(task.loss))(params, batch)
+    updates, state = vmap(lambda m, *args: _member_update(factory(m), task, *args))(
+        meta, grads, state, params, step, batch
+    )
+    return apply_updates(params, updates), state, loss
+
+
+#: Compiled lazily, on first use; Dynamo keeps one graph per task structure and rule factory.
+_compiled_forward_inner_step = torch.compile(_forward_inner_step, dynamic=False)
+
+
 def unroll(
     rule: RuleOrFactory,
     task: Task,
@@ -151,6 +170,7 @@ def unroll(
     population_meta_params: Params | None = None,
     eval_mode: str = "none",
     checkpoint: bool = False,
+    compile: bool = False,
 ) -> Unroll:
     """Run ``num_steps`` inner steps of every member; see the module docstring.
 
@@ -166,6 +186,8 @@ def unroll(
             (``torch.utils.checkpoint``, non-reentrant) so BPTT memory does not grow with the
             inner network's activations times K. Not for rules that call ``torch.func``
             themselves (``needs_loss_fn`` rules that differentiate ``loss_fn``).
+        compile: run each inner step as one compiled graph (see the module docstring); only
+            with ``population_meta_params`` and without autograd (the ES/PES path).
 
     Returns:
         ``Unroll(carry, losses [K, P], terms)``; ``terms.train[k]`` is the training loss after
@@ -178,6 +200,11 @@ def unroll(
     per_member = population_meta_params is not None
     if not per_member and not isinstance(rule, UpdateRule):
         raise TypeError("rule must be an UpdateRule (or a factory with population_meta_params)")
+    if compile and (not per_member or torch.is_grad_enabled() or checkpoint):
+        raise ValueError(
+            "compile=True is for the forward (ES/PES) path: per-member meta-parameters, "
+            "under torch.no_grad, without activation checkpointing"
+        )
 
     def update(grads, state, params, step, batch, meta):
         if per_member:
@@ -189,6 +216,8 @@ def unroll(
         )
 
     def inner_step(params, state, step, batch, meta):
+        if compile:
+            return _compiled_forward_inner_step(rule, task, params, state, step, batch, meta)
         if checkpoint:
             grads, loss = _population_grads_by_autograd(task, params, batch)
         else:
