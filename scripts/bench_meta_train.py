@@ -12,11 +12,13 @@ K=20, the shipped ``default`` learned optimizer inside, populations P. Paths:
   way to train a population (its rate does not depend on P; timed on at most 8 instances).
 
 Each path is timed ``--repeats`` times after a warm-up, interleaved, and the median kept.
-"steps/s" = instances x inner steps / wall time. The JAX side-by-side unroll the performance
-issue asks for is not part of this script yet (BENCHMARKS.md says what was measured).
+"steps/s" = instances x inner steps / wall time. ``--jax`` (the optional ``bench`` extra) also
+runs the same truncation in JAX, ``jit(vmap(lax.scan))`` as learned_optimization does, on the
+same instances and minibatches (handed to JAX as arrays, as a data iterator would; the l2o side
+gathers them inside its unroll), after checking that both give the same inner losses.
 
     python scripts/bench_meta_train.py --threads 1
-    python scripts/bench_meta_train.py --populations 1 8 64 --devices cpu
+    python scripts/bench_meta_train.py --populations 1 8 64 --jax --threads 2
 """
 
 from __future__ import annotations
@@ -57,15 +59,15 @@ class Setup:
             for k, v in self.meta.items()
         }
 
+        with torch.no_grad():  # the episode's start, outside the timed truncations
+            self.carry = init_carry(self.lopt.rule(self.meta), self.task, self.seeds)
+
     def forward(self, compile: bool) -> None:
         with torch.no_grad():
-            carry = init_carry(
-                self.lopt.rule, self.task, self.seeds, population_meta_params=self.stacked
-            )
             unroll(
                 self.lopt.rule,
                 self.task,
-                carry,
+                self.carry,
                 self.steps,
                 population_meta_params=self.stacked,
                 compile=compile,
@@ -74,9 +76,7 @@ class Setup:
     def tbptt(self) -> None:
         meta = {k: v.detach().requires_grad_() for k, v in self.meta.items()}
         rule = self.lopt.rule(meta)
-        with torch.no_grad():
-            carry = init_carry(rule, self.task, self.seeds)
-        result = unroll(rule, self.task, carry, self.steps)
+        result = unroll(rule, self.task, self.carry, self.steps)
         loss = get_meta_loss("train_mean")(result.terms).mean()
         torch.autograd.grad(loss, list(meta.values()))
 
@@ -90,6 +90,36 @@ class Setup:
                     grads, _ = grad_and_value(self.task.loss)(params, self.task.batch(seed, step))
                     updates, state = rule.update(grads, state, params, step=step)
                     params = apply_updates(params, updates)
+
+
+def jax_paths(setup: Setup) -> dict[str, tuple[Callable, int]]:
+    """The same truncation in JAX (``scripts/jax_unroll.py``), after checking that it gives the
+    same inner losses as l2o's unroll on the same instances and data."""
+    import jax
+    import jax.numpy as jnp
+    from jax_unroll import JaxUnroll, check_same_losses, population_inputs, to_jax
+
+    params_t = setup.carry["params"]
+    port = JaxUnroll(setup.lopt, list(params_t), [tuple(v.shape[1:]) for v in params_t.values()])
+    params, xs, ys = population_inputs(setup.task, setup.seeds.tolist(), setup.steps)
+    meta, stacked = to_jax(setup.meta), to_jax(setup.stacked)
+    forward, tbptt = port.forward(), port.tbptt()
+    with torch.no_grad():
+        expected = unroll(setup.lopt.rule(setup.meta), setup.task, setup.carry, setup.steps)
+    population = len(setup.seeds)
+    shared = {k: jnp.broadcast_to(v, (population, *v.shape)) for k, v in meta.items()}
+    check_same_losses(forward(shared, params, xs, ys), expected.losses)
+    n = population * setup.steps
+    return {
+        "JAX jit(vmap(scan)) forward": (
+            lambda: forward(stacked, params, xs, ys).block_until_ready(),
+            n,
+        ),
+        "JAX jit(grad(vmap(scan))) tbptt": (
+            lambda: jax.block_until_ready(tbptt(meta, params, xs, ys)),
+            n,
+        ),
+    }
 
 
 def measure(paths: dict[str, tuple[Callable, int]], repeats: int, device) -> dict:
@@ -121,6 +151,9 @@ def main() -> None:
     parser.add_argument("--loop", action="store_true", help="also time the Python loop")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu [cuda]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--jax", action="store_true", help="also run the unroll in JAX (the bench extra)"
+    )
     args = parser.parse_args()
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if args.threads:
@@ -144,12 +177,23 @@ def main() -> None:
             }
             if args.loop:
                 paths["loop"] = (setup.loop, min(8, population) * args.steps)
+            if args.jax:
+                paths.update(jax_paths(setup))
             rates = measure(paths, args.repeats, device)
             base = rates["forward"][0]
             for path, (steps_per_s, warmup) in rates.items():
                 print(
                     f"| {label} | {population} | {path} | {steps_per_s:,.0f} | "
                     f"{steps_per_s / base:.2f} | {warmup:.1f} |",
+                    flush=True,
+                )
+            if args.jax:
+                jax_forward = rates["JAX jit(vmap(scan)) forward"][0]
+                jax_tbptt = rates["JAX jit(grad(vmap(scan))) tbptt"][0]
+                print(
+                    f"\nP={population}: l2o / JAX, forward eager {base / jax_forward:.2f}x, "
+                    f"forward compiled {rates['forward, compiled'][0] / jax_forward:.2f}x, "
+                    f"tbptt {rates['tbptt'][0] / jax_tbptt:.2f}x\n",
                     flush=True,
                 )
 
