@@ -15,7 +15,8 @@ Each path is timed ``--repeats`` times after a warm-up, interleaved, and the med
 "steps/s" = instances x inner steps / wall time. ``--jax`` (the optional ``bench`` extra) also
 runs the same truncation in JAX, ``jit(vmap(lax.scan))`` as learned_optimization does, on the
 same instances and minibatches (handed to JAX as arrays, as a data iterator would; the l2o side
-gathers them inside its unroll), after checking that both give the same inner losses.
+gathers them inside its unroll), after checking that both give the same inner losses
+(``jax_unroll.check_same_losses``).
 
     python scripts/bench_meta_train.py --threads 1
     python scripts/bench_meta_train.py --populations 1 8 64 --jax --threads 2
@@ -108,7 +109,12 @@ def jax_paths(setup: Setup) -> dict[str, tuple[Callable, int]]:
         expected = unroll(setup.lopt.rule(setup.meta), setup.task, setup.carry, setup.steps)
     population = len(setup.seeds)
     shared = {k: jnp.broadcast_to(v, (population, *v.shape)) for k, v in meta.items()}
-    check_same_losses(forward(shared, params, xs, ys), expected.losses)
+    deviation = check_same_losses(forward(shared, params, xs, ys), expected.losses)
+    print(
+        f"P={population}: JAX and l2o inner losses agree over the first 5 steps (rtol 1e-4); "
+        f"largest relative difference over all {setup.steps}: {deviation:.1e}",
+        flush=True,
+    )
     n = population * setup.steps
     return {
         "JAX jit(vmap(scan)) forward": (
