@@ -11,6 +11,7 @@ from l2o.learned.checkpoint import (
 )
 from l2o.learned.lstm_lopt import LSTMLOpt, LSTMRule
 from l2o.learned.mlp_lopt import MLPLOpt, MLPRule
+from l2o.learned.ortho_lopt import OrthoMLPLOpt, OrthoMLPRule
 from l2o.learned.registry import get_lopt, lopt_names, register_lopt
 from l2o.learned.rule import LearnedRule
 
@@ -22,6 +23,8 @@ __all__ = [
     "LearnedRule",
     "MLPLOpt",
     "MLPRule",
+    "OrthoMLPLOpt",
+    "OrthoMLPRule",
     "checkpoint_id",
     "get_lopt",
     "load_checkpoint",

@@ -12,6 +12,7 @@ from typing import TypeVar
 from l2o.learned.base import LOpt
 from l2o.learned.lstm_lopt import LSTMLOpt
 from l2o.learned.mlp_lopt import MLPLOpt
+from l2o.learned.ortho_lopt import OrthoMLPLOpt
 from l2o.registry import Registry
 
 LOptFactory = Callable[..., LOpt]
@@ -52,3 +53,4 @@ def get_lopt(name: str, **kwargs) -> LOpt:
 
 register_lopt(MLPLOpt.name, MLPLOpt)
 register_lopt(LSTMLOpt.name, LSTMLOpt)
+register_lopt(OrthoMLPLOpt.name, OrthoMLPLOpt)

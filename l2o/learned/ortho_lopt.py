@@ -1,0 +1,353 @@
+"""A small learned optimizer built to generalise: scale-free inputs, normalised and
+orthogonalised updates (registry name ``"ortho_mlp"``).
+
+Ideas from Celo2 (Moudgil et al., 2026: a tiny per-parameter MLP whose matrix updates are
+orthogonalised by Newton–Schulz), μLO (Thérien et al., 2025: maximal-update scaling of a learned
+optimizer's updates, for width generalisation) and Muon (Jordan et al., 2024); the code is ours.
+
+**Inputs.** Per coordinate of a tensor with gradient ``g`` and parameter ``p``, with the
+accumulators ``m_k = EMA_{β_k}(g)`` (``K`` momenta) and ``v = EMA_{β_v}(g²)``::
+
+    m_k / s,  g / s                s = sqrt(v + δ·mean(v) + τ)
+    m_1 / sqrt(v̂ + δ·mean(v) + τ)   v̂ = rowmean(v) ⊗ colmean(v) / mean(v) for matrices
+                                   (Adafactor's rank-1 estimate, from v itself), v̂ = v else
+    p / sqrt(mean(p²) + τ)         the parameter relative to its tensor's RMS
+
+plus, optionally, the step embedding ``tanh(t / T - 1)`` for ``step_timescales`` (none by
+default: nothing ties the optimizer to a horizon). Replacing ``g`` by ``c·g`` (``c > 0``: a
+loss multiplied by ``c``) multiplies ``m_k``, ``g`` and ``s`` by ``c`` and ``v``, ``v̂`` by
+``c²``, so every input is unchanged: the relative ``δ = 1e-8`` takes the place of Adam's
+absolute epsilon, which is what made the ``mlp`` optimizer's features fall below its
+normaliser's epsilon and scale with the loss. ``τ = 1e-30`` only keeps 0/0 out of an all-zero
+tensor.
+
+**Output.** A small MLP (ReLU, ``2 × 8`` hidden units by default) maps the inputs to ``(d, a)``;
+the per-coordinate direction is ``u = (base + d)·exp(λ a)``, where ``base`` is the input
+``m_{base_momentum} / s`` (an Adam-like direction, so that at initialisation, with the small
+output layer, the optimizer already behaves like a known one) and ``λ = exp_mult``.
+
+- *Matrices* (every tensor of 2 or more dims; a conv weight viewed as ``[out, in·k...]``)::
+
+      Δ = -lr · exp(log_lr_matrix) · r(A, B) · NS(u)
+
+  ``NS`` is Muon's Newton–Schulz orthogonalisation (:func:`l2o.optim.muon.newton_schulz`, the
+  same function, in ``ns_dtype``), which also removes ``u``'s scale. ``r`` sets the size of the
+  step per layer: ``"spectral"`` (default) ``sqrt(max(1, A/B))``, a spectral norm of the update
+  that follows the maximal-update parametrisation's ``sqrt(fan_out / fan_in)`` (Yang, Simon &
+  Bernstein, 2023), so one learned step size serves every width; ``"match_rms_adamw"``
+  ``0.2·sqrt(max(A, B))`` (update RMS ≈ 0.2, as AdamW's; Liu et al., 2025).
+- *Vectors* (0-D and 1-D tensors, and the names in ``vector_keys``): either the learned
+  direction normalised to unit RMS, ``Δ = -lr · exp(log_lr_vector) · u / rms(u)``
+  (``vector_rule="learned"``), or a hand-designed rule from :mod:`l2o.optim` by name (e.g.
+  ``"adamw"`` with ``vector_hparams``), scaled by ``lr``.
+
+``lr`` (the rule's field, default 1) multiplies everything, so the ``torch.optim`` adapter and
+LR schedulers scale it. Pure, vmappable and differentiable, like every rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from l2o.learned.base import LOpt
+from l2o.learned.features import ema, tanh_step_embedding
+from l2o.learned.rule import LearnedRule
+from l2o.optim import registry as optim_registry
+from l2o.optim.base import LossFn, Params, State, Step, UpdateRule, check_hyperparameter, lr_at
+from l2o.optim.muon import newton_schulz
+
+#: Relative epsilon: ``s = sqrt(v + δ·mean(v) + τ)`` (scale-free, unlike an absolute one).
+RELATIVE_EPS = 1e-8
+#: Absolute floor inside every square root: only an all-zero tensor ever sees it.
+TINY = 1e-30
+MATRIX_SCALINGS = ("spectral", "match_rms_adamw")
+NS_DTYPES = ("float32", "float64", "bfloat16")
+
+
+def _decays(name: str, decays: Sequence[float]) -> tuple[float, ...]:
+    decays = tuple(float(d) for d in decays)
+    if not decays:
+        raise ValueError(f"{name} must list at least one decay")
+    for d in decays:
+        check_hyperparameter(name, d, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    return decays
+
+
+class OrthoMLPLOpt(LOpt):
+    """The ``ortho_mlp`` learned optimizer (see the module docstring).
+
+    Args:
+        hidden_sizes: widths of the ReLU hidden layers.
+        momentum_decays: ``β_k`` of the momenta (``K`` of them).
+        rms_decay: ``β_v`` of the second moment.
+        base_momentum: index into ``momentum_decays`` of the momentum whose ``m / s`` is the
+            base direction the MLP's output is added to.
+        step_timescales: ``T`` of the optional step embedding (empty: none).
+        exp_mult: ``λ``, the weight of the log-magnitude output.
+        output_init_scale: multiplies the output layer's initial weights.
+        lr_init: initial value of both learned step sizes (``exp(log_lr_*)``).
+        matrix_scaling: ``"spectral"`` or ``"match_rms_adamw"`` (see the module docstring).
+        ns_steps, ns_dtype: Newton–Schulz iterations and their dtype.
+        vector_rule: ``"learned"`` or a registered hand-designed rule (:func:`l2o.optim.names`).
+        vector_hparams: that rule's hyper-parameters.
+        vector_keys: names of tensors of 2 or more dims to update as vectors (e.g. embeddings).
+    """
+
+    name = "ortho_mlp"
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (8, 8),
+        momentum_decays: Sequence[float] = (0.5, 0.9, 0.99),
+        rms_decay: float = 0.999,
+        base_momentum: int = 1,
+        step_timescales: Sequence[float] = (),
+        exp_mult: float = 0.1,
+        output_init_scale: float = 0.1,
+        lr_init: float = 1e-2,
+        matrix_scaling: str = "spectral",
+        ns_steps: int = 5,
+        ns_dtype: str = "float32",
+        vector_rule: str = "learned",
+        vector_hparams: Mapping[str, Any] | None = None,
+        vector_keys: Sequence[str] = (),
+    ) -> None:
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        if any(h < 1 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive, got {list(hidden_sizes)}")
+        self.momentum_decays = _decays("momentum_decays", momentum_decays)
+        (self.rms_decay,) = _decays("rms_decay", [rms_decay])
+        if not (isinstance(base_momentum, int) and 0 <= base_momentum < len(momentum_decays)):
+            raise ValueError(
+                f"base_momentum must index momentum_decays (0..{len(momentum_decays) - 1}), "
+                f"got {base_momentum!r}"
+            )
+        self.base_momentum = base_momentum
+        self.step_timescales = tuple(float(t) for t in step_timescales)
+        if any(not t > 0 for t in self.step_timescales):
+            raise ValueError(f"step_timescales must be positive, got {list(step_timescales)}")
+        for name, value in [
+            ("exp_mult", exp_mult),
+            ("output_init_scale", output_init_scale),
+            ("lr_init", lr_init),
+        ]:
+            check_hyperparameter(name, value)
+        check_hyperparameter("lr_init", lr_init, low=0.0, low_inclusive=False)
+        self.exp_mult, self.output_init_scale = float(exp_mult), float(output_init_scale)
+        self.lr_init = float(lr_init)
+        if matrix_scaling not in MATRIX_SCALINGS:
+            raise ValueError(
+                f"matrix_scaling must be one of {MATRIX_SCALINGS}, got {matrix_scaling!r}"
+            )
+        self.matrix_scaling = matrix_scaling
+        if not (isinstance(ns_steps, int) and ns_steps >= 1):
+            raise ValueError(f"ns_steps must be a positive integer, got {ns_steps!r}")
+        self.ns_steps = ns_steps
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {ns_dtype!r}")
+        self.ns_dtype = ns_dtype
+        self.vector_rule = str(vector_rule)
+        self.vector_hparams = dict(vector_hparams or {})
+        self._hand_rule: UpdateRule | None = None
+        if self.vector_rule != "learned":
+            self._hand_rule = optim_registry.get(self.vector_rule, **self.vector_hparams)
+            if self._hand_rule.needs_loss_fn or not self._hand_rule.vmappable:
+                raise ValueError(f"vector_rule {self.vector_rule!r} must be a first-order rule")
+        elif self.vector_hparams:
+            raise ValueError("vector_hparams are for a hand-designed vector_rule, not 'learned'")
+        self.vector_keys = tuple(str(k) for k in vector_keys)
+
+    @property
+    def num_features(self) -> int:
+        """Per-coordinate inputs besides the step embedding: K momenta, g, v̂ and p."""
+        return len(self.momentum_decays) + 3
+
+    def hand_rule(self) -> UpdateRule | None:
+        """The hand-designed rule of the vector tensors, or None (``vector_rule="learned"``)."""
+        return self._hand_rule
+
+    def config(self) -> dict:
+        return {
+            "hidden_sizes": list(self.hidden_sizes),
+            "momentum_decays": list(self.momentum_decays),
+            "rms_decay": self.rms_decay,
+            "base_momentum": self.base_momentum,
+            "step_timescales": list(self.step_timescales),
+            "exp_mult": self.exp_mult,
+            "output_init_scale": self.output_init_scale,
+            "lr_init": self.lr_init,
+            "matrix_scaling": self.matrix_scaling,
+            "ns_steps": self.ns_steps,
+            "ns_dtype": self.ns_dtype,
+            "vector_rule": self.vector_rule,
+            "vector_hparams": dict(self.vector_hparams),
+            "vector_keys": list(self.vector_keys),
+        }
+
+    def init_meta(self, generator: torch.Generator) -> Params:
+        """MLP weights ``w{i}`` (``[fan_in, fan_out]``, clipped normal, std ``1/sqrt(fan_in)``;
+        the output layer's times ``output_init_scale``), zero biases ``b{i}``, and the two
+        learned log step sizes ``log_lr_matrix``, ``log_lr_vector``."""
+        device = generator.device
+        sizes = [self.num_features + len(self.step_timescales), *self.hidden_sizes, 2]
+        meta: Params = {}
+        last = len(sizes) - 2
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+            noise = torch.randn(fan_in, fan_out, generator=generator, device=device)
+            scale = (self.output_init_scale if i == last else 1.0) / math.sqrt(fan_in)
+            meta[f"w{i}"] = noise.clamp(-2.0, 2.0) * scale
+            meta[f"b{i}"] = torch.zeros(fan_out, device=device)
+        for kind in ("matrix", "vector"):
+            meta[f"log_lr_{kind}"] = torch.tensor(math.log(self.lr_init), device=device)
+        return meta
+
+    def rule(self, meta_params: Params, lr=1.0) -> OrthoMLPRule:
+        return OrthoMLPRule(lopt=self, meta_params=meta_params, lr=lr)
+
+    def __repr__(self) -> str:
+        return f"OrthoMLPLOpt({self.config()})"
+
+
+def _rms(x: Tensor) -> Tensor:
+    return torch.sqrt(torch.mean(x * x) + TINY)
+
+
+@dataclasses.dataclass(frozen=True)
+class OrthoMLPRule(LearnedRule):
+    """The update rule of :class:`OrthoMLPLOpt` at fixed ``meta_params``."""
+
+    lopt: OrthoMLPLOpt = dataclasses.field(repr=False)
+
+    def parameter_slots(self) -> frozenset[str] | None:
+        hand = self.lopt.hand_rule()
+        if hand is None:
+            return frozenset({"m", "v"})
+        inner = hand.parameter_slots()
+        if inner is None:
+            return None
+        return frozenset({"m", "v", *(f"vector_rule/{path}" for path in inner)})
+
+    def _is_matrix(self, name: str, p: Tensor) -> bool:
+        return p.ndim >= 2 and name not in self.lopt.vector_keys
+
+    def _hand_keys(self, params: Params) -> list[str]:
+        if self.lopt.vector_rule == "learned":
+            return []
+        return [k for k, p in params.items() if not self._is_matrix(k, p)]
+
+    def init(self, params: Params) -> State:
+        k = len(self.lopt.momentum_decays)
+        hand = self._hand_keys(params)
+        learned = {name: p for name, p in params.items() if name not in hand}
+        dtype = {n: torch.promote_types(p.dtype, torch.float32) for n, p in learned.items()}
+        state: State = {
+            "m": {
+                n: torch.zeros(*p.shape, k, dtype=dtype[n], device=p.device)
+                for n, p in learned.items()
+            },
+            "v": {
+                n: torch.zeros(p.shape, dtype=dtype[n], device=p.device) for n, p in learned.items()
+            },
+        }
+        if hand:
+            state["vector_rule"] = self.lopt.hand_rule().init({n: params[n] for n in hand})
+        return state
+
+    def _inputs(self, g: Tensor, p: Tensor, m: Tensor, v: Tensor, matrix: bool) -> Tensor:
+        """``[numel, num_features]``: the scale-free inputs of one tensor (module docstring)."""
+        floor = RELATIVE_EPS * torch.mean(v) + TINY
+        s = torch.sqrt(v + floor)
+        if matrix:
+            v2 = v.reshape(v.shape[0], -1)
+            v_hat = torch.outer(v2.mean(1), v2.mean(0)) / (torch.mean(v2) + TINY)
+            v_hat = v_hat.reshape(v.shape)
+        else:
+            v_hat = v
+        columns = [
+            m / s.unsqueeze(-1),
+            (g / s).unsqueeze(-1),
+            (m[..., :1] / torch.sqrt(v_hat + floor).unsqueeze(-1)),
+            (p / _rms(p)).unsqueeze(-1),
+        ]
+        return torch.cat(columns, dim=-1).reshape(-1, self.lopt.num_features)
+
+    def _direction(self, inputs: Tensor, embedding: Tensor | None) -> Tensor:
+        """``u = (base + d)·exp(λ a)`` per coordinate, ``[numel]``."""
+        meta = {k: v.to(inputs.device, inputs.dtype) for k, v in self.meta_params.items()}
+        h = inputs
+        if embedding is not None:
+            h = torch.cat([h, embedding.expand(h.shape[0], -1)], dim=-1)
+        layers = len(self.lopt.hidden_sizes) + 1
+        for i in range(layers):
+            h = torch.addmm(meta[f"b{i}"], h, meta[f"w{i}"])
+            if i < layers - 1:
+                h = torch.relu(h)
+        direction, log_magnitude = h.unbind(-1)
+        base = inputs[:, self.lopt.base_momentum]
+        return (base + direction) * torch.exp(self.lopt.exp_mult * log_magnitude)
+
+    def _matrix_step(self, u: Tensor, shape: torch.Size) -> Tensor:
+        rows, cols = shape[0], math.prod(shape[1:])
+        ortho = newton_schulz(
+            u.reshape(rows, cols),
+            steps=self.lopt.ns_steps,
+            dtype=getattr(torch, self.lopt.ns_dtype),
+        ).to(u.dtype)
+        if self.lopt.matrix_scaling == "spectral":
+            ratio = math.sqrt(max(1.0, rows / cols))
+        else:
+            ratio = 0.2 * math.sqrt(max(rows, cols))
+        return torch.exp(self.meta_params["log_lr_matrix"]).to(u) * ratio * ortho.reshape(shape)
+
+    def update(
+        self,
+        grads: Params,
+        state: State,
+        params: Params,
+        *,
+        step: Step,
+        loss_fn: LossFn | None = None,
+    ) -> tuple[Params, State]:
+        lr = lr_at(self.lr, step)
+        hand = self._hand_keys(params)
+        updates: Params = {}
+        new_state: State = {"m": {}, "v": {}}
+        beta_m = None
+        for name, p in params.items():
+            if name in hand:
+                continue
+            m_old, v_old = state["m"][name], state["v"][name]
+            dtype = m_old.dtype
+            if beta_m is None or beta_m.dtype != dtype:
+                beta_m = torch.tensor(self.lopt.momentum_decays, dtype=dtype, device=p.device)
+            g = grads[name].to(dtype)
+            m = ema(m_old, g.unsqueeze(-1), beta_m)
+            v = ema(v_old, g * g, torch.tensor(self.lopt.rms_decay, dtype=dtype, device=p.device))
+            matrix = self._is_matrix(name, p)
+            inputs = self._inputs(g, p.to(dtype), m, v, matrix)
+            embedding = None
+            if self.lopt.step_timescales:
+                embedding = tanh_step_embedding(
+                    step, self.lopt.step_timescales, dtype=dtype, device=p.device
+                )
+            u = self._direction(inputs, embedding).reshape(p.shape)
+            if matrix:
+                delta = self._matrix_step(u, p.shape)
+            else:
+                delta = torch.exp(self.meta_params["log_lr_vector"]).to(u) * u / _rms(u)
+            updates[name] = (-lr * delta).to(p.dtype)
+            new_state["m"][name], new_state["v"][name] = m, v
+        if hand:
+            sub = {n: params[n] for n in hand}
+            hand_updates, new_state["vector_rule"] = self.lopt.hand_rule().update(
+                {n: grads[n] for n in hand}, state["vector_rule"], sub, step=step
+            )
+            updates.update({n: lr * u for n, u in hand_updates.items()})
+        return {k: updates[k] for k in params}, new_state

@@ -1,0 +1,235 @@
+"""The ``ortho_mlp`` learned optimizer: scale invariance, orthogonalised matrix updates against
+the SVD, vmap, meta-gradients against finite differences, checkpoints, configuration errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import vmap
+
+from l2o.learned import OrthoMLPLOpt, get_lopt, load_checkpoint, save_checkpoint
+from l2o.learned.optimizer import LearnedOptimizer
+from l2o.optim import get as get_rule
+
+
+def params_of(dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"w": (7, 5), "conv": (4, 3, 3, 3), "b": (5,), "s": ()}
+    return {k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()}
+
+
+def gradient_sequence(params, steps=6, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in params.items()}
+        for _ in range(steps)
+    ]
+
+
+def run(rule, params, grads_seq, scale=1.0):
+    """The updates along a fixed gradient sequence (parameters moved by each update)."""
+    state, out = rule.init(params), []
+    for t, grads in enumerate(grads_seq):
+        updates, state = rule.update(
+            {k: scale * g for k, g in grads.items()}, state, params, step=t
+        )
+        out.append(updates)
+        params = {k: params[k] + updates[k] for k in params}
+    return out
+
+
+def make(dtype=torch.float64, **config):
+    config.setdefault("ns_dtype", "float64" if dtype == torch.float64 else "float32")
+    lopt = OrthoMLPLOpt(**config)
+    meta = {k: v.to(dtype) for k, v in lopt.init_meta(torch.Generator().manual_seed(0)).items()}
+    return lopt, meta
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_updates_are_unchanged_when_the_loss_is_rescaled(scale):
+    lopt, meta = make()
+    rule = lopt.rule(meta)
+    params = params_of()
+    grads = gradient_sequence(params)
+    for reference, scaled in zip(run(rule, params, grads), run(rule, params, grads, scale)):
+        for k in reference:
+            torch.testing.assert_close(scaled[k], reference[k], rtol=1e-9, atol=1e-15)
+
+
+def test_the_mlp_optimizer_is_not_scale_invariant_which_is_what_this_one_fixes():
+    # The regression the new inputs address: the `mlp` optimizer's normalised features fall
+    # below its epsilon at small gradient scales, so its updates change with the loss scale.
+    mlp = get_lopt("mlp")
+    rule = mlp.rule(mlp.init_meta(torch.Generator().manual_seed(0)))
+    params = params_of(torch.float32)
+    grads = gradient_sequence(params)
+    small = run(rule, params, grads, 1e-3)[-1]["w"]
+    plain = run(rule, params, grads)[-1]["w"]
+    assert not torch.allclose(small, plain, rtol=1e-2)
+
+
+def _polar_and_singular(matrix):
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u, s, vh
+
+
+def test_matrix_updates_are_orthogonalised_momenta_with_spectral_scaling():
+    # With a zero output layer the MLP adds nothing: u = m_0.9 / s, the base direction, and a
+    # matrix update is -lr_eff * sqrt(max(1, A/B)) * NS(u).
+    lopt, meta = make(output_init_scale=0.0, lr_init=0.01)
+    rule = lopt.rule(meta, lr=0.5)
+    params = params_of()
+    grads = gradient_sequence(params, steps=3)
+    state = rule.init(params)
+    for t, g in enumerate(grads):
+        updates, state = rule.update(g, state, params, step=t)
+    for name in ("w", "conv"):
+        p = params[name]
+        rows, cols = p.shape[0], p[0].numel()
+        step = -updates[name].reshape(rows, cols) / (0.5 * 0.01 * math.sqrt(max(1, rows / cols)))
+        m = state["m"][name][..., 1]
+        v = state["v"][name]
+        base = (m / torch.sqrt(v + 1e-8 * v.mean() + 1e-30)).reshape(rows, cols)
+        u, singular_base, vh = _polar_and_singular(base)
+        _, singular, _ = _polar_and_singular(step)
+        # Singular values in Newton–Schulz's band (about [0.7, 1.2]; not exactly 1 by design) ...
+        assert float(singular.min()) > 0.6 and float(singular.max()) < 1.25
+        # ... with the base direction's singular vectors: Uᵀ·step·V is diagonal.
+        core = u.T @ step @ vh.T
+        off_diagonal = core - torch.diag(torch.diagonal(core))
+        assert float(off_diagonal.abs().max()) < 1e-8
+        assert float(singular_base.min()) > 0  # (a well-conditioned input)
+
+
+def test_vector_updates_have_the_learned_step_size_as_rms():
+    lopt, meta = make(lr_init=0.02)
+    rule = lopt.rule(meta, lr=2.0)
+    params = params_of()
+    updates = run(rule, params, gradient_sequence(params, steps=2))[-1]
+    for name in ("b", "s"):
+        rms = float(torch.sqrt(torch.mean(updates[name] ** 2)))
+        assert math.isclose(rms, 2.0 * 0.02, rel_tol=1e-6)  # log_lr initialised in float32
+
+
+def test_vector_rule_can_be_a_hand_designed_rule():
+    lopt, meta = make(vector_rule="adamw", vector_hparams={"lr": 3e-3, "weight_decay": 0.1})
+    rule = lopt.rule(meta)
+    params = params_of()
+    grads = gradient_sequence(params, steps=4)
+    adamw = get_rule("adamw", lr=3e-3, weight_decay=0.1)
+    vectors = {k: params[k] for k in ("b", "s")}
+    expected = run(adamw, vectors, [{k: g[k] for k in vectors} for g in grads])
+    got = run(rule, params, grads)
+    for e, o in zip(expected, got):
+        for k in vectors:
+            torch.testing.assert_close(o[k], e[k])
+    assert {"m", "v", "vector_rule/exp_avg"} <= set(rule.parameter_slots())
+
+
+def test_vmap_over_a_population_equals_a_python_loop():
+    lopt, meta = make(step_timescales=(10.0, 1000.0))
+    rule = lopt.rule(meta)
+    population = [params_of(seed=s) for s in range(4)]
+    stacked = {k: torch.stack([p[k] for p in population]) for k in population[0]}
+    grads = [gradient_sequence(p, steps=1, seed=10 + i)[0] for i, p in enumerate(population)]
+    stacked_grads = {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
+    steps = torch.tensor([0, 3, 50, 4000])
+
+    def one(g, s, p, t):
+        return rule.update(g, s, p, step=t)
+
+    batched, _ = vmap(one)(stacked_grads, vmap(rule.init)(stacked), stacked, steps)
+    for i, p in enumerate(population):
+        expected, _ = rule.update(grads[i], rule.init(p), p, step=int(steps[i]))
+        for k in expected:
+            torch.testing.assert_close(batched[k][i], expected[k], rtol=1e-10, atol=1e-14)
+
+
+def unrolled_loss(lopt, meta, params, steps=4):
+    """A diagonal quadratic's losses summed along a short unroll of the learned rule."""
+    rule = lopt.rule(meta)
+    curvature = {k: torch.linspace(0.5, 2.0, p.numel(), dtype=p.dtype) for k, p in params.items()}
+    state, total = rule.init(params), 0.0
+    for t in range(steps):
+        grads = {k: curvature[k].reshape(p.shape) * p for k, p in params.items()}
+        total = total + sum(0.5 * (grads[k] * p).sum() for k, p in params.items())
+        updates, state = rule.update(grads, state, params, step=t)
+        params = {k: params[k] + updates[k] for k in params}
+    return total
+
+
+def test_meta_gradients_match_central_differences():
+    lopt, meta = make(lr_init=0.05, output_init_scale=1.0)
+    meta = {k: v.requires_grad_() for k, v in meta.items()}
+    params = params_of()
+    grads = torch.autograd.grad(unrolled_loss(lopt, meta, params), list(meta.values()))
+    analytic = dict(zip(meta, grads))
+    h, checked = 1e-6, 0
+    for name in meta:
+        for index in {0, meta[name].numel() - 1}:
+
+            def shifted(delta, name=name, index=index):
+                moved = {k: v.detach().clone() for k, v in meta.items()}
+                moved[name].view(-1)[index] += delta
+                return float(unrolled_loss(lopt, moved, params))
+
+            numeric = (shifted(h) - shifted(-h)) / (2 * h)
+            value = float(analytic[name].reshape(-1)[index])
+            assert math.isclose(value, numeric, rel_tol=1e-4, abs_tol=1e-8), (name, value, numeric)
+            checked += 1
+    assert checked >= 10
+    assert abs(float(analytic["log_lr_matrix"])) > 0 and abs(float(analytic["log_lr_vector"])) > 0
+
+
+def test_checkpoint_round_trip_gives_the_same_updates(tmp_path):
+    lopt = get_lopt("ortho_mlp", vector_rule="adamw", vector_hparams={"lr": 1e-3})
+    meta = lopt.init_meta(torch.Generator().manual_seed(3))
+    save_checkpoint(tmp_path / "ortho", lopt, meta)
+    loaded, loaded_meta, card = load_checkpoint(tmp_path / "ortho")
+    assert card["lopt"]["name"] == "ortho_mlp" and loaded.config() == lopt.config()
+    params = params_of(torch.float32)
+    grads = gradient_sequence(params, steps=3)
+    for a, b in zip(
+        run(lopt.rule(meta), params, grads), run(loaded.rule(loaded_meta), params, grads)
+    ):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_drop_in_optimizer_trains_a_module(tmp_path):
+    lopt = get_lopt("ortho_mlp")
+    save_checkpoint(tmp_path / "ortho", lopt, lopt.init_meta(torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    opt = LearnedOptimizer(model.parameters(), checkpoint=tmp_path / "ortho", lr=3.0)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]  # untrained, it starts out as an orthogonalised Adam
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"hidden_sizes": [0]}, "hidden_sizes"),
+        ({"momentum_decays": [1.0]}, "momentum_decays"),
+        ({"base_momentum": 3}, "base_momentum"),
+        ({"matrix_scaling": "mup"}, "matrix_scaling"),
+        ({"ns_dtype": "float16"}, "ns_dtype"),
+        ({"vector_rule": "lbfgs"}, "first-order"),
+        ({"vector_rule": "nope"}, "nope"),
+        ({"vector_hparams": {"lr": 1.0}}, "vector_hparams"),
+        ({"lr_init": 0.0}, "lr_init"),
+    ],
+)
+def test_bad_configurations_are_refused_with_the_key(config, match):
+    with pytest.raises((ValueError, KeyError), match=match):
+        OrthoMLPLOpt(**config)
