@@ -25,15 +25,13 @@ The output layer starts small, so a freshly initialised optimizer takes small st
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from l2o.learned.base import LOpt
+from l2o.learned.base import LOpt, check_decays, check_timescales, init_mlp
 from l2o.learned.features import (
     STEP_TIMESCALES,
     decays_from_logits,
@@ -61,15 +59,6 @@ RSQRT_EPS = 1e-8
 NORMALIZE_EPS = 1e-5
 
 _DECAY_GROUPS = ("momentum", "rms", "adafactor")
-
-
-def _check_decays(name: str, decays: Sequence[float]) -> tuple[float, ...]:
-    decays = tuple(float(d) for d in decays)
-    if not decays:
-        raise ValueError(f"{name} must list at least one decay")
-    for d in decays:
-        check_hyperparameter(name, d, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-    return decays
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,14 +97,12 @@ class MLPLOpt(LOpt):
         if any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive, got {list(hidden_sizes)}")
         self.decays = {
-            "momentum": _check_decays("momentum_decays", momentum_decays),
-            "rms": _check_decays("rms_decays", rms_decays),
-            "adafactor": _check_decays("adafactor_decays", adafactor_decays),
+            "momentum": check_decays("momentum_decays", momentum_decays),
+            "rms": check_decays("rms_decays", rms_decays),
+            "adafactor": check_decays("adafactor_decays", adafactor_decays),
         }
         self.learn_decays = bool(learn_decays)
-        self.step_timescales = tuple(float(t) for t in step_timescales)
-        if any(not t > 0 for t in self.step_timescales):
-            raise ValueError(f"step_timescales must be positive, got {list(step_timescales)}")
+        self.step_timescales = check_timescales(step_timescales)
         for name, value in [
             ("exp_mult", exp_mult),
             ("step_mult", step_mult),
@@ -149,13 +136,7 @@ class MLPLOpt(LOpt):
         """MLP weights ``w{i}`` (``[fan_in, fan_out]``, clipped normal, std ``1/sqrt(fan_in)``),
         zero biases ``b{i}``, and ``{group}_decay_logits`` when ``learn_decays``."""
         sizes = [self.num_features + len(self.step_timescales), *self.hidden_sizes, 2]
-        meta: Params = {}
-        last = len(sizes) - 2
-        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-            noise = torch.randn(fan_in, fan_out, generator=generator, device=generator.device)
-            scale = (self.output_init_scale if i == last else 1.0) / math.sqrt(fan_in)
-            meta[f"w{i}"] = noise.clamp(-2.0, 2.0) * scale
-            meta[f"b{i}"] = torch.zeros(fan_out, device=generator.device)
+        meta = init_mlp(sizes, generator, self.output_init_scale)
         if self.learn_decays:
             for group in _DECAY_GROUPS:
                 logits = [logit(d) for d in self.decays[group]]

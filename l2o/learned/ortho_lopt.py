@@ -48,7 +48,6 @@ LR schedulers scale it. Pure, vmappable and differentiable, like every rule.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2o.learned.base import LOpt
+from l2o.learned.base import LOpt, check_decays, check_timescales, init_mlp
 from l2o.learned.features import ema, tanh_step_embedding
 from l2o.learned.rule import LearnedRule
 from l2o.optim import registry as optim_registry
@@ -69,15 +68,6 @@ RELATIVE_EPS = 1e-8
 TINY = 1e-30
 MATRIX_SCALINGS = ("spectral", "match_rms_adamw")
 NS_DTYPES = ("float32", "float64", "bfloat16")
-
-
-def _decays(name: str, decays: Sequence[float]) -> tuple[float, ...]:
-    decays = tuple(float(d) for d in decays)
-    if not decays:
-        raise ValueError(f"{name} must list at least one decay")
-    for d in decays:
-        check_hyperparameter(name, d, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-    return decays
 
 
 class OrthoMLPLOpt(LOpt):
@@ -122,17 +112,15 @@ class OrthoMLPLOpt(LOpt):
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive, got {list(hidden_sizes)}")
-        self.momentum_decays = _decays("momentum_decays", momentum_decays)
-        (self.rms_decay,) = _decays("rms_decay", [rms_decay])
+        self.momentum_decays = check_decays("momentum_decays", momentum_decays)
+        (self.rms_decay,) = check_decays("rms_decay", [rms_decay])
         if not (isinstance(base_momentum, int) and 0 <= base_momentum < len(momentum_decays)):
             raise ValueError(
                 f"base_momentum must index momentum_decays (0..{len(momentum_decays) - 1}), "
                 f"got {base_momentum!r}"
             )
         self.base_momentum = base_momentum
-        self.step_timescales = tuple(float(t) for t in step_timescales)
-        if any(not t > 0 for t in self.step_timescales):
-            raise ValueError(f"step_timescales must be positive, got {list(step_timescales)}")
+        self.step_timescales = check_timescales(step_timescales)
         for name, value in [
             ("exp_mult", exp_mult),
             ("output_init_scale", output_init_scale),
@@ -197,13 +185,7 @@ class OrthoMLPLOpt(LOpt):
         learned log step sizes ``log_lr_matrix``, ``log_lr_vector``."""
         device = generator.device
         sizes = [self.num_features + len(self.step_timescales), *self.hidden_sizes, 2]
-        meta: Params = {}
-        last = len(sizes) - 2
-        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-            noise = torch.randn(fan_in, fan_out, generator=generator, device=device)
-            scale = (self.output_init_scale if i == last else 1.0) / math.sqrt(fan_in)
-            meta[f"w{i}"] = noise.clamp(-2.0, 2.0) * scale
-            meta[f"b{i}"] = torch.zeros(fan_out, device=device)
+        meta = init_mlp(sizes, generator, self.output_init_scale)
         for kind in ("matrix", "vector"):
             meta[f"log_lr_{kind}"] = torch.tensor(math.log(self.lr_init), device=device)
         return meta
