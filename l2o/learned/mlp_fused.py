@@ -86,7 +86,7 @@ def _sum_squares(x_t: Tensor) -> Tensor:
 
 
 class TensorStep:
-    """One tensor's fused step; built per tensor by :meth:`MLPRule.fused_update`.
+    """One tensor's fused step; built per tensor by ``MLPRule._tensor_update_fused``.
 
     Args:
         g, p: gradient and parameter, already in the accumulators' dtype.
@@ -174,17 +174,15 @@ class TensorStep:
         )
         return torch.cat([pieces[name] for name in self.coord_groups])
 
-    def mean_squares(self) -> tuple[Tensor, dict[int, Tensor]]:
+    def mean_squares(self) -> tuple[Tensor, Tensor | None]:
         """``mean(x²)`` of every feature column over the whole tensor, in the reference's order,
-        and the blocks' features that were assembled on the way (kept only for a one-block
-        tensor, which is then not assembled a second time)."""
+        and, for a tensor of one block, that block's features (assembled on the way, so not
+        assembled a second time; None for more blocks)."""
         total = None
-        kept: dict[int, Tensor] = {}
-        for index, block in enumerate(self.blocks):
+        for block in self.blocks:
             x = self.coordinate_features(block)
             total = _sum_squares(x) if total is None else total + _sum_squares(x)
-            if len(self.blocks) == 1:
-                kept[index] = x
+        only_block = x if len(self.blocks) == 1 else None
         coord = total / self.numel
         widths = [self.slices[name].stop - self.slices[name].start for name in self.coord_groups]
         parts = dict(zip(self.coord_groups, torch.split(coord, widths), strict=True))
@@ -194,7 +192,7 @@ class TensorStep:
             parts["col"] = torch.mean(self.col * self.col, dim=(0, 1, 2, 3))
             parts["rsqrt_row"] = torch.mean(1.0 / (self.row + self.eps), dim=(0, 1, 2, 3))
             parts["rsqrt_col"] = torch.mean(1.0 / (self.col + self.eps), dim=(0, 1, 2, 3))
-        return torch.cat([parts[name] for name, _ in FEATURE_GROUPS]), kept
+        return torch.cat([parts[name] for name, _ in FEATURE_GROUPS]), only_block
 
     def first_layer_shares(
         self, w_scaled: Tensor, bias: Tensor

@@ -292,26 +292,28 @@ class MLPRule(LearnedRule):
         return self._step_from_outputs(self._rest_of_mlp(meta, torch.addmm(bias, x, w)), scale)
 
     def _tensor_update_fused(
-        self,
-        g: Tensor,
-        p: Tensor,
-        slots: dict[str, Tensor],
-        embedding: Tensor,
-        scale,
-        chunk_size: int,
+        self, g: Tensor, p: Tensor, slots: dict[str, Tensor], embedding: Tensor, scale
     ) -> Tensor:
         """One tensor's update computed block by block (:mod:`l2o.learned.mlp_fused`)."""
         widths = {group: len(self.lopt.decays[group]) for group in _DECAY_GROUPS}
         tensor = TensorStep(
-            g, p, *slots.values(), rsqrt_eps=RSQRT_EPS, widths=widths, chunk_size=chunk_size
+            g,
+            p,
+            slots["m"],
+            slots["v"],
+            slots["fac_row"],
+            slots["fac_col"],
+            rsqrt_eps=RSQRT_EPS,
+            widths=widths,
+            chunk_size=self.chunk_size,
         )
         meta = self._meta(g)
-        mean_squares, assembled = tensor.mean_squares()
+        mean_squares, only_block = tensor.mean_squares()
         w, bias = self._first_layer(meta, mean_squares, embedding)
         w_coord, shared_plus_bias = tensor.first_layer_shares(w, bias)
         blocks = []
-        for index, block in enumerate(tensor.blocks):
-            x = assembled[index] if index in assembled else tensor.coordinate_features(block)
+        for block in tensor.blocks:
+            x = only_block if only_block is not None else tensor.coordinate_features(block)
             h = torch.addmm(shared_plus_bias(block), x.T, w_coord)
             blocks.append(self._step_from_outputs(self._rest_of_mlp(meta, h), scale))
         return torch.cat(blocks)
@@ -364,9 +366,7 @@ class MLPRule(LearnedRule):
             g, p_c = grads[name].to(dtype), p.to(dtype)
             slots = self._accumulate(g, state, name, decays[dtype])
             if fused_above is not None and p.numel() > fused_above:
-                delta = self._tensor_update_fused(
-                    g, p_c, slots, embeddings[dtype], scale, self.chunk_size
-                )
+                delta = self._tensor_update_fused(g, p_c, slots, embeddings[dtype], scale)
             else:
                 delta = self._tensor_update_reference(g, p_c, slots, embeddings[dtype], scale)
             updates[name] = delta.reshape(p.shape).to(p.dtype)
