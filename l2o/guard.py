@@ -38,7 +38,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -94,6 +94,18 @@ def _finite_or_fresh(new: State, fresh: Callable[[], State]) -> tuple[State, Ten
         lambda a, b: torch.where(ok, a, b) if isinstance(a, Tensor) else a, new, fresh()
     )
     return kept, (~ok).long()
+
+
+class Candidates(NamedTuple):
+    """Both sides' candidate updates from one point, and both sides' new states."""
+
+    learned: Params  # the learned update, times the guard's lr
+    fallback: Params
+    learned_ok: Tensor  # every entry of the update is finite
+    fallback_ok: Tensor
+    learned_state: State  # reset to ``init`` where it turned non-finite ...
+    fallback_state: State
+    resets: Tensor  # ... and how many sides were reset
 
 
 class GuardState(TypedDict):
@@ -203,7 +215,7 @@ class GuardRule(UpdateRule):
         if self.deferred:
             return self._deferred_update(grads, state, params, step, loss_fn)
         candidates = self._candidates(grads, state, params, step, loss_fn)
-        learned_updates, fallback_updates, learned_ok, fallback_ok = candidates[:4]
+        learned_updates, fallback_updates = candidates.learned, candidates.fallback
 
         if _batched(step):  # under vmap: no data-dependent skipping of the losses
             compares = (step % self.compare_every == 0).reshape(())
@@ -217,19 +229,18 @@ class GuardRule(UpdateRule):
             choice = state["last_choice"]
             compared = torch.zeros((), dtype=torch.int64, device=choice.device)
         # Whatever was decided, a non-finite candidate never reaches the parameters.
-        choice = torch.where((choice == LEARNED) & ~learned_ok, FALLBACK, choice)
-        choice = torch.where((choice == FALLBACK) & ~fallback_ok, NO_STEP, choice)
+        choice = torch.where((choice == LEARNED) & ~candidates.learned_ok, FALLBACK, choice)
+        choice = torch.where((choice == FALLBACK) & ~candidates.fallback_ok, NO_STEP, choice)
 
         updates = _select(choice, learned_updates, fallback_updates, params)
         new_state = _count(state, choice, compared)
-        new_state.update(_inner_states(state, candidates[4:]))
+        new_state.update(_inner_states(state, candidates))
         return updates, new_state
 
     def _candidates(
         self, grads: Params, state: State, params: Params, step: Step, loss_fn: LossFn
-    ) -> tuple[Params, Params, Tensor, Tensor, State, State, Tensor]:
-        """Both sides' candidate updates from ``params``, whether each is finite, and both
-        sides' new states (reset to ``init`` where non-finite) with the number of resets."""
+    ) -> Candidates:
+        """Both sides' candidate updates from ``params`` and their new states."""
         fallback_loss_fn = loss_fn if self.fallback.needs_loss_fn else None
         learned_updates, learned_state = self.learned.update(
             grads, state["learned"], params, step=step
@@ -238,23 +249,20 @@ class GuardRule(UpdateRule):
         fallback_updates, fallback_state = self.fallback.update(
             grads, state["fallback"], params, step=step, loss_fn=fallback_loss_fn
         )
-        learned_ok = _all_finite(learned_updates)
-        fallback_ok = _all_finite(fallback_updates)
         learned_state, learned_reset = _finite_or_fresh(
             learned_state, lambda: self.learned.init(params)
         )
         fallback_state, fallback_reset = _finite_or_fresh(
             fallback_state, lambda: self.fallback.init(params)
         )
-        resets = learned_reset + fallback_reset
-        return (
-            learned_updates,
-            fallback_updates,
-            learned_ok,
-            fallback_ok,
-            learned_state,
-            fallback_state,
-            resets,
+        return Candidates(
+            learned=learned_updates,
+            fallback=fallback_updates,
+            learned_ok=_all_finite(learned_updates),
+            fallback_ok=_all_finite(fallback_updates),
+            learned_state=learned_state,
+            fallback_state=fallback_state,
+            resets=learned_reset + fallback_reset,
         )
 
     def _deferred_update(
@@ -268,16 +276,16 @@ class GuardRule(UpdateRule):
             )
         base, grads, state = self._settle(grads, state, params, loss_fn, batched=_batched(step))
         candidates = self._candidates(grads, state, base, step, loss_fn)
-        learned_updates, fallback_updates, learned_ok, fallback_ok = candidates[:4]
+        learned_ok, fallback_ok = candidates.learned_ok, candidates.fallback_ok
         # The learned candidate is taken; if the fallback's is finite, the next step compares
         # them. Otherwise the choice is made (and counted) now, as without deferral.
         pending = learned_ok & fallback_ok
         choice = torch.where(learned_ok, LEARNED, torch.where(fallback_ok, FALLBACK, NO_STEP))
-        chosen = _select(choice, learned_updates, fallback_updates, params)
+        chosen = _select(choice, candidates.learned, candidates.fallback, params)
         updates = {k: base[k] - params[k] + chosen[k] for k in params}
         new_state = _count(state, choice, torch.zeros_like(state["comparisons"]), where=~pending)
-        new_state.update(_inner_states(state, candidates[4:]))
-        new_state["pending"] = {k: base[k] + fallback_updates[k] for k in params}
+        new_state.update(_inner_states(state, candidates))
+        new_state["pending"] = {k: base[k] + candidates.fallback[k] for k in params}
         new_state["has_pending"] = pending
         return updates, new_state
 
@@ -370,12 +378,12 @@ def _count(state: State, choice: Tensor, compared: Tensor, where: Tensor | None 
     }
 
 
-def _inner_states(state: State, parts: tuple[State, State, Tensor]) -> State:
+def _inner_states(state: State, candidates: Candidates) -> State:
     """The two sides' new states and the updated reset counter."""
-    learned_state, fallback_state, resets = parts
+    resets = candidates.resets
     return {
-        "learned": learned_state,
-        "fallback": fallback_state,
+        "learned": candidates.learned_state,
+        "fallback": candidates.fallback_state,
         "state_resets": state.get("state_resets", torch.zeros_like(resets)) + resets,
     }
 
