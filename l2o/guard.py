@@ -285,7 +285,10 @@ class GuardRule(UpdateRule):
         updates = {k: base[k] - params[k] + chosen[k] for k in params}
         new_state = _count(state, choice, torch.zeros_like(state["comparisons"]), where=~pending)
         new_state.update(_inner_states(state, candidates))
-        new_state["pending"] = {k: base[k] + candidates.fallback[k] for k in params}
+        # Nothing pending (a non-finite side): keep the winner, never a non-finite candidate.
+        new_state["pending"] = {
+            k: torch.where(pending, base[k] + candidates.fallback[k], base[k]) for k in params
+        }
         new_state["has_pending"] = pending
         return updates, new_state
 

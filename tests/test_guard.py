@@ -518,6 +518,13 @@ def test_deferred_guard_never_lets_a_nonfinite_update_reach_the_parameters():
     assert guard_stats(state)["skipped_steps"] == 1
 
 
+def test_deferred_guard_keeps_no_nonfinite_pending_candidate():
+    loss, params, _, lipschitz = quadratic(0)
+    learned, faulty = get("sgd", lr=1.0 / lipschitz), FaultyRule(bad_steps=(0, 1))
+    for _, _, state, _, _ in deferred_run(loss, params, learned, faulty, 3):
+        assert all(torch.isfinite(v).all() for v in state["pending"].values())
+
+
 def test_deferred_guard_vmaps_over_a_population_like_a_loop():
     tasks = [quadratic(s) for s in range(3)]
     learned, fallback = ScaledSignRule(lr=0.2), get("sgd", lr=0.05)
