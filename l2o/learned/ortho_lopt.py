@@ -260,9 +260,25 @@ class OrthoMLPRule(LearnedRule):
         ]
         return torch.cat(columns, dim=-1).reshape(-1, self.lopt.num_features)
 
-    def _direction(self, inputs: Tensor, embedding: Tensor | None) -> Tensor:
+    def _constants(self, step: Step, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """What every tensor of one dtype shares in an update: the decays, the step embedding
+        (None without timescales) and the meta-parameters in that dtype. Built once per dtype,
+        not once per tensor (each build is a host-to-device copy on GPU)."""
+        embedding = None
+        if self.lopt.step_timescales:
+            embedding = tanh_step_embedding(
+                step, self.lopt.step_timescales, dtype=dtype, device=device
+            )
+        return {
+            "beta_m": torch.tensor(self.lopt.momentum_decays, dtype=dtype, device=device),
+            "beta_v": torch.tensor(self.lopt.rms_decay, dtype=dtype, device=device),
+            "embedding": embedding,
+            "meta": {k: v.to(device, dtype) for k, v in self.meta_params.items()},
+        }
+
+    def _direction(self, inputs: Tensor, constants: dict[str, Any]) -> Tensor:
         """``u = (base + d)·exp(λ a)`` per coordinate, ``[numel]``."""
-        meta = {k: v.to(inputs.device, inputs.dtype) for k, v in self.meta_params.items()}
+        meta, embedding = constants["meta"], constants["embedding"]
         h = inputs
         if embedding is not None:
             h = torch.cat([h, embedding.expand(h.shape[0], -1)], dim=-1)
@@ -301,25 +317,21 @@ class OrthoMLPRule(LearnedRule):
         hand = self._hand_keys(params)
         updates: Params = {}
         new_state: State = {"m": {}, "v": {}}
-        beta_m = None
+        shared: dict[torch.dtype, dict[str, Any]] = {}
         for name, p in params.items():
             if name in hand:
                 continue
             m_old, v_old = state["m"][name], state["v"][name]
             dtype = m_old.dtype
-            if beta_m is None or beta_m.dtype != dtype:
-                beta_m = torch.tensor(self.lopt.momentum_decays, dtype=dtype, device=p.device)
+            if dtype not in shared:
+                shared[dtype] = self._constants(step, dtype, p.device)
+            constants = shared[dtype]
             g = grads[name].to(dtype)
-            m = ema(m_old, g.unsqueeze(-1), beta_m)
-            v = ema(v_old, g * g, torch.tensor(self.lopt.rms_decay, dtype=dtype, device=p.device))
+            m = ema(m_old, g.unsqueeze(-1), constants["beta_m"])
+            v = ema(v_old, g * g, constants["beta_v"])
             matrix = self._is_matrix(name, p)
             inputs = self._inputs(g, p.to(dtype), m, v, matrix)
-            embedding = None
-            if self.lopt.step_timescales:
-                embedding = tanh_step_embedding(
-                    step, self.lopt.step_timescales, dtype=dtype, device=p.device
-                )
-            u = self._direction(inputs, embedding).reshape(p.shape)
+            u = self._direction(inputs, constants).reshape(p.shape)
             if matrix:
                 delta = self._matrix_step(u, p.shape)
             else:
