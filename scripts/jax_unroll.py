@@ -22,8 +22,6 @@ from jax import lax
 from l2o.learned.features import factored_dims
 from l2o.learned.mlp_lopt import NORMALIZE_EPS, RSQRT_EPS, MLPLOpt
 
-jax.config.update("jax_enable_x64", False)
-
 
 def to_jax(tree: dict[str, torch.Tensor]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in tree.items()}

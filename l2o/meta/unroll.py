@@ -148,12 +148,17 @@ def _population_grads_by_autograd(task: Task, params: Params, batch: Batch):
     return grads, losses
 
 
+def _per_member_update(factory, task: Task, meta, grads, state, params, step, batch):
+    """Every member's update by its own rule ``factory(meta_i)`` (ES, PES)."""
+    return vmap(lambda m, *args: _member_update(factory(m), task, *args))(
+        meta, grads, state, params, step, batch
+    )
+
+
 def _forward_inner_step(factory, task: Task, params, state, step, batch, meta):
     """One inner step of every member with its own meta-parameters (the ES/PES path)."""
     grads, loss = vmap(grad_and_value(task.loss))(params, batch)
-    updates, state = vmap(lambda m, *args: _member_update(factory(m), task, *args))(
-        meta, grads, state, params, step, batch
-    )
+    updates, state = _per_member_update(factory, task, meta, grads, state, params, step, batch)
     return apply_updates(params, updates), state, loss
 
 
@@ -208,9 +213,7 @@ def unroll(
 
     def update(grads, state, params, step, batch, meta):
         if per_member:
-            return vmap(lambda m, *args: _member_update(rule(m), task, *args))(
-                meta, grads, state, params, step, batch
-            )
+            return _per_member_update(rule, task, meta, grads, state, params, step, batch)
         return vmap(lambda *args: _member_update(rule, task, *args))(
             grads, state, params, step, batch
         )
