@@ -82,26 +82,42 @@ def run_rule(
     return _timed(device, lambda: _unroll_rule(rule, task, list(seeds), horizon, device))
 
 
+def _unroll_in_chunks(
+    rule, task: Task, carry, horizon: int, every: int, on_chunk=None, **unroll_kwargs
+) -> tuple[Tensor, dict]:
+    """``horizon`` steps of ``unroll`` in chunks of ``every``: the ``[horizon, P]`` training
+    losses (float32, on the CPU) and the final carry. Once every member has diverged the rest
+    is not run and its losses are NaN. ``on_chunk(before, after, size, done)`` sees the carry
+    around each chunk."""
+    pieces, done = [], 0
+    for size in _chunks(horizon, every):
+        result = unroll(rule, task, carry, size, **unroll_kwargs)
+        before, carry = carry, result.carry
+        pieces.append(result.losses.float().cpu())
+        done += size
+        if on_chunk is not None:
+            on_chunk(before, carry, size, done)
+        if not torch.isfinite(result.losses[-1]).any():  # every member diverged: stop paying
+            pieces.append(torch.full((horizon - done, result.losses.shape[1]), math.nan))
+            break
+    return torch.cat(pieces)[:horizon], carry
+
+
 def _unroll_rule(
     rule: UpdateRule, task: Task, seeds: list[int], horizon: int, device: torch.device
 ) -> Run:
     carry = init_carry(rule, task, torch.tensor(seeds, dtype=torch.int64), device=device)
     guarded = isinstance(rule, GuardRule)
     every = max(1, math.ceil(horizon / ACCEPTANCE_POINTS)) if guarded else min(horizon, 200)
-    pieces, acceptance, done = [], [], 0
-    for size in _chunks(horizon, every):
-        before = carry["opt_state"]["learned_steps"] if guarded else None
-        result = unroll(rule, task, carry, size)
-        carry = result.carry
-        pieces.append(result.losses)
-        done += size
-        if guarded:
-            taken = (carry["opt_state"]["learned_steps"] - before).double() / size
-            acceptance.append((done, float(taken.mean())))
-        if not torch.isfinite(result.losses[-1]).any():  # every member diverged: stop paying
-            pieces.append(torch.full((horizon - done, len(seeds)), math.nan))
-            break
-    curves = torch.cat([p.float().cpu() for p in pieces])[:horizon]
+    acceptance = []
+
+    def record_acceptance(before, after, size: int, done: int) -> None:
+        taken = after["opt_state"]["learned_steps"] - before["opt_state"]["learned_steps"]
+        acceptance.append((done, float((taken.double() / size).mean())))
+
+    curves, carry = _unroll_in_chunks(
+        rule, task, carry, horizon, every, on_chunk=record_acceptance if guarded else None
+    )
     finals = held_out_losses(task, carry["params"], seeds, [horizon] * len(seeds))
     return Run(
         curves=curves,
@@ -128,16 +144,10 @@ def run_rule_grid(
     members = torch.tensor([s for _ in lrs for s in seeds], dtype=torch.int64)
     meta = {"lr": torch.tensor([lr for lr in lrs for _ in seeds], dtype=task.dtype, device=device)}
     carry = init_carry(factory, task, members, population_meta_params=meta, device=device)
-    pieces, done = [], 0
-    for size in _chunks(horizon, min(horizon, 200)):
-        result = unroll(factory, task, carry, size, population_meta_params=meta)
-        carry = result.carry
-        pieces.append(result.losses.float().cpu())
-        done += size
-        if not torch.isfinite(result.losses[-1]).any():
-            pieces.append(torch.full((horizon - done, len(members)), math.nan))
-            break
-    return torch.cat(pieces)[:horizon].reshape(horizon, len(lrs), len(seeds))
+    losses, _ = _unroll_in_chunks(
+        factory, task, carry, horizon, min(horizon, 200), population_meta_params=meta
+    )
+    return losses.reshape(horizon, len(lrs), len(seeds))
 
 
 def _train_with_torch(
