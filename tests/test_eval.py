@@ -362,13 +362,18 @@ def test_resume_reuses_finished_cells_and_gives_the_same_tables(tiny_run, tmp_pa
     assert _tables(copy) == before
 
 
-def test_a_damaged_cell_is_computed_again(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
-    copy = tmp_path / "run"
+def _copy_of_cells(run_dir, copy):
+    """A new run directory holding a copy of ``run_dir``'s finished cells; and those cells."""
     (copy / "cells").mkdir(parents=True)
     cells = sorted((run_dir / "cells").glob("*.safetensors"))
     for path in cells:
         (copy / "cells" / path.name).write_bytes(path.read_bytes())
+    return copy, cells
+
+
+def test_a_damaged_cell_is_computed_again(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    copy, cells = _copy_of_cells(run_dir, tmp_path / "run")
     (copy / "cells" / cells[0].name).write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="unusable cell"):
         results = run_eval(_tiny(copy))
@@ -379,11 +384,7 @@ def test_a_cell_of_the_wrong_shape_is_computed_again(tiny_run, tmp_path):
     import safetensors.torch
 
     run_dir, _ = tiny_run
-    copy = tmp_path / "run"
-    (copy / "cells").mkdir(parents=True)
-    cells = sorted((run_dir / "cells").glob("*.safetensors"))
-    for path in cells:
-        (copy / "cells" / path.name).write_bytes(path.read_bytes())
+    copy, cells = _copy_of_cells(run_dir, tmp_path / "run")
     forged = next(p for p in cells if "curves" in safetensors.torch.load_file(p))
     with safetensors.safe_open(str(forged), framework="pt") as f:
         metadata = f.metadata()
