@@ -397,7 +397,7 @@ def test_class_without_a_closure_raises_a_clear_error():
 def test_rule_without_loss_fn_raises_a_clear_error():
     params = {"w": torch.ones(3)}
     rule = LBFGS()
-    with pytest.raises(ValueError, match="LBFGS needs the loss: pass loss_fn"):
+    with pytest.raises(ValueError, match="L-BFGS needs the loss: pass loss_fn"):
         rule.update({"w": torch.ones(3)}, rule.init(params), params, step=0)
 
 
