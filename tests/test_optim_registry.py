@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import l2o.optim as O
-from l2o.optim import registry, rules
+from l2o.optim import newton, quasi_newton, registry, rules
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FIRST_ORDER = {
@@ -88,6 +88,10 @@ NAMED_CLASSES = [
     (O.AMSGrad, rules.AMSGrad),
     (O.Adamax, rules.Adamax),
     (O.NAdam, rules.NAdam),
+    (O.BFGS, quasi_newton.BFGS),
+    (O.ConjugateGradient, quasi_newton.ConjugateGradient),
+    (O.Newton, newton.Newton),
+    (O.LevenbergMarquardt, newton.LevenbergMarquardt),
 ]
 
 

@@ -11,10 +11,12 @@ The classes carry ``torch.optim``'s names (``l2o.optim.Adam`` is the optimizer c
 of the same names live in :mod:`l2o.optim.rules`.
 """
 
-from l2o.optim import lbfgs, muon, rules, schedules
+from l2o.optim import lbfgs, line_search, muon, newton, quasi_newton, rules, schedules
 from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import UpdateRule, apply_updates
 from l2o.optim.lbfgs import LBFGSOptimizer as LBFGS
+from l2o.optim.newton import LevenbergMarquardtOptimizer as LevenbergMarquardt
+from l2o.optim.newton import NewtonOptimizer as Newton
 from l2o.optim.optimizers import (
     SGD,
     Adadelta,
@@ -27,9 +29,12 @@ from l2o.optim.optimizers import (
     NAdam,
     RMSprop,
 )
+from l2o.optim.quasi_newton import BFGSOptimizer as BFGS
+from l2o.optim.quasi_newton import ConjugateGradientOptimizer as ConjugateGradient
 from l2o.optim.registry import get, get_class, names, register
 
 __all__ = [
+    "BFGS",
     "LBFGS",
     "SGD",
     "AMSGrad",
@@ -38,8 +43,11 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "ConjugateGradient",
+    "LevenbergMarquardt",
     "Muon",
     "NAdam",
+    "Newton",
     "RMSprop",
     "RuleOptimizer",
     "UpdateRule",
@@ -47,8 +55,11 @@ __all__ = [
     "get",
     "get_class",
     "lbfgs",
+    "line_search",
     "muon",
     "names",
+    "newton",
+    "quasi_newton",
     "register",
     "rules",
     "schedules",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map_only
 
-from l2o.optim.base import Params, State, UpdateRule
+from l2o.optim.base import Params, State, UpdateRule, finite_difference_hvp
 
 STEP = "step"
 GROUP_PREFIX = "group:"
@@ -274,6 +274,27 @@ class ClosureLoss:
             for k, p in self.params.items()
         }
         return loss, grads
+
+    def hvp(self, values: Params, vector: Params) -> Params:
+        """``∇²f(values) · vector``: exact when the closure calls
+        ``loss.backward(create_graph=True)`` (its gradients then carry their graph, one closure
+        call), else by central differences of the closure's gradients (two calls, see
+        :func:`l2o.optim.base.finite_difference_hvp`)."""
+        self(values)
+        params = list(self.params.values())
+        grads = [p.grad for p in params]
+        if not all(g is not None and g.requires_grad for g in grads):
+            return finite_difference_hvp(self, values, vector)
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                grads, params, grad_outputs=[vector[k] for k in self.params], allow_unused=True
+            )
+        for p in params:  # drop the graph the closure's backward(create_graph=True) kept
+            p.grad = p.grad.detach()
+        return {
+            k: torch.zeros_like(p) if h is None else h.detach()
+            for (k, p), h in zip(self.params.items(), products)
+        }
 
 
 # --- rule state <-> torch.optim state -----------------------------------------------------------

@@ -82,6 +82,14 @@ class FunctionalLoss:
         grads, loss = torch.func.grad_and_value(self.fn)(params)
         return loss, grads
 
+    def hvp(self, params: Params, vector: Params) -> Params:
+        """The Hessian-vector product ``∇²f(params) · vector``, exactly, as the vector-Jacobian
+        product of the gradient (the Hessian is symmetric); it runs under ``vmap``. (Forward
+        over reverse, ``jvp`` of ``grad``, is cheaper but fails in torch 2.13 on losses such as
+        ``mse_loss``, whose backward makes immutable zero tangents.)"""
+        _, vjp = torch.func.vjp(torch.func.grad(self.fn), params)
+        return vjp(vector)[0]
+
 
 def as_loss_fn(loss_fn: LossFn | Callable[[Params], Tensor]) -> LossFn:
     """``loss_fn`` itself if it is a :class:`LossFn`, else a :class:`FunctionalLoss` of it."""
@@ -194,3 +202,35 @@ def global_norm(tree: Mapping[str, Tensor]) -> Tensor:
 def value_and_grad(loss_fn: LossFn | Callable[[Params], Tensor], params: Params):
     """Loss and gradient of ``loss_fn`` at ``params`` (``as_loss_fn(loss_fn).value_and_grad``)."""
     return as_loss_fn(loss_fn).value_and_grad(params)
+
+
+def hessian_vector_product(
+    loss_fn: LossFn | Callable[[Params], Tensor], params: Params, vector: Params
+) -> Params:
+    """``∇²f(params) · vector``: ``loss_fn.hvp`` where the loss function has one (exact for a
+    :class:`FunctionalLoss`; a ``torch.optim`` closure's, see
+    :class:`l2o.optim.adapter.ClosureLoss`), else :func:`finite_difference_hvp`."""
+    loss_fn = as_loss_fn(loss_fn)
+    hvp = getattr(loss_fn, "hvp", None)
+    if hvp is not None:
+        return hvp(params, vector)
+    return finite_difference_hvp(loss_fn, params, vector)
+
+
+def finite_difference_hvp(loss_fn: LossFn, params: Params, vector: Params) -> Params:
+    """``∇²f · v ≈ (∇f(θ + εv) - ∇f(θ - εv)) / 2ε``: two gradient evaluations.
+
+    ``ε = u^(1/3) · max(1, ‖θ‖) / ‖v‖`` with ``u`` the dtype's unit roundoff, which balances the
+    central difference's O(ε²) truncation error against its O(u/ε) rounding error (Nocedal &
+    Wright, *Numerical Optimization*, 2nd ed., §8.1); relative accuracy about ``u^(2/3)``:
+    1e-5 in float32, 1e-11 in float64.
+    """
+    reference = next(iter(params.values()))
+    unit_roundoff = torch.finfo(reference.dtype).eps
+    v_norm = float(global_norm(vector))
+    if v_norm == 0:
+        return zeros_like_params(params)
+    eps = unit_roundoff ** (1 / 3) * max(1.0, float(global_norm(params))) / v_norm
+    _, plus = loss_fn.value_and_grad({k: p + eps * vector[k] for k, p in params.items()})
+    _, minus = loss_fn.value_and_grad({k: p - eps * vector[k] for k, p in params.items()})
+    return {k: (plus[k] - minus[k]) / (2 * eps) for k in params}

@@ -26,65 +26,38 @@ import torch
 from torch import Tensor
 
 from l2o.optim import line_search, registry
-from l2o.optim.adapter import RuleOptimizer
-from l2o.optim.base import (
-    LearningRate,
-    LossFn,
-    Params,
-    State,
-    Step,
-    UpdateRule,
-    as_loss_fn,
-    check_hyperparameter,
-    lr_at,
+from l2o.optim.base import LearningRate, State
+from l2o.optim.line_search import (
+    CURVATURE_EPS,
+    LineSearchRule,
+    OneGroupOptimizer,
+    Progress,
+    strong_wolfe,
 )
-from l2o.optim.line_search import CURVATURE_EPS, Budget, Progress, strong_wolfe
 from l2o.validation import positive_int
 
 __all__ = ["LBFGS", "LBFGSOptimizer", "strong_wolfe"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LBFGS(UpdateRule):
+class LBFGS(LineSearchRule):
     """L-BFGS; hyper-parameters, defaults and semantics of ``torch.optim.LBFGS``.
 
     ``max_eval=None`` means ``max_iter * 5 // 4``. ``lr`` may be a schedule of the step (the
     index of the ``update`` call). Memory: ``2 * history_size * n`` elements of history.
     """
 
-    lr: LearningRate = 1.0
-    max_iter: int = 20
-    max_eval: int | None = None
-    tolerance_grad: float = 1e-7
-    tolerance_change: float = 1e-9
-    history_size: int = 100
     line_search_fn: str | None = None
+    history_size: int = 100
 
-    needs_loss_fn: ClassVar[bool] = True
     supports_complex: ClassVar[bool] = True
-    vmappable: ClassVar[bool] = False
-    #: The history is one flat vector over all parameters: nothing is per-parameter.
-    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset()
+    METHOD: ClassVar[str] = "L-BFGS"
 
     def __post_init__(self) -> None:
-        check_hyperparameter("lr", self.lr)
-        positive_int("max_iter", self.max_iter)
-        if self.max_eval is not None:
-            positive_int("max_eval", self.max_eval)
-        check_hyperparameter("tolerance_grad", self.tolerance_grad)
-        check_hyperparameter("tolerance_change", self.tolerance_change)
+        super().__post_init__()
         positive_int("history_size", self.history_size)
-        line_search.check_line_search(self.line_search_fn)
 
-    @property
-    def eval_budget(self) -> int:
-        """Loss-and-gradient evaluations allowed per ``update`` (``max_eval`` resolved)."""
-        return self.max_iter * 5 // 4 if self.max_eval is None else self.max_eval
-
-    # ------------------------------------------------------------------ state
-
-    def init(self, params: Params) -> State:
-        flat = line_search.flatten(params, "params", "L-BFGS")
+    def _init_memory(self, flat: Tensor) -> State:
         n, m = flat.numel(), self.history_size
         return {
             "old_dirs": flat.new_zeros(m, n),  # y_i = g_{i+1} - g_i, oldest first
@@ -92,47 +65,10 @@ class LBFGS(UpdateRule):
             "ro": flat.new_zeros(m),  # 1 / (y_i · s_i)
             "history_len": torch.zeros((), dtype=torch.int64, device=flat.device),
             "H_diag": torch.ones((), dtype=flat.dtype, device=flat.device),
-            **Progress.initial_state(flat),
         }
 
-    # ------------------------------------------------------------------ update
-
-    def update(
-        self,
-        grads: Params,
-        state: State,
-        params: Params,
-        *,
-        step: Step,
-        loss_fn: LossFn | None = None,
-    ) -> tuple[Params, State]:
-        """Run up to ``max_iter`` L-BFGS iterations from ``params``; ``grads`` are at ``params``.
-
-        Evaluates ``loss_fn`` (a :class:`~l2o.optim.base.LossFn` or a plain function) once at
-        ``params`` for the starting loss (unless it carries a
-        ``loss`` attribute with that value) and through
-        :func:`l2o.optim.base.value_and_grad` at every trial point.
-        """
-        lr = float(lr_at(self.lr, step))
-        x0, g, loss, evaluate = line_search.start(
-            "L-BFGS", grads, params, state, None if loss_fn is None else as_loss_fn(loss_fn)
-        )
-        history = _History.from_state(state, lr)
-        budget = Budget(
-            self.max_iter,
-            self.eval_budget,
-            self.tolerance_grad,
-            self.tolerance_change,
-            self.line_search_fn,
-        )
-        x, progress = line_search.iterate(
-            "L-BFGS", history, evaluate, params, loss, g, Progress.from_state(state), budget, lr
-        )
-        new_state = {**history.to_state(state, x0), **progress.to_state(x0)}
-        # The caller's params + updates can miss x by an ulp where x has a finer ulp than x0
-        # (no additive update reaches it); torch.optim.LBFGS, adding in place, lands on x. This
-        # final rounding is the only arithmetic in which the two differ.
-        return {k: x[k] - params[k] for k in params}, new_state
+    def _directions(self, state: State, flat: Tensor, lr: float) -> _History:
+        return _History.from_state(state, lr)
 
 
 # ---------------------------------------------------------------------- history
@@ -173,8 +109,7 @@ class _History:
         return self.two_loop(-g, self.H_diag)
 
     def first_step(self, n_iter: int, g: Tensor, gtd: float, progress: Progress) -> float:
-        # torch.optim.LBFGS: a first step of at most 1/|g|_1, then the unit (lr) step.
-        return (min(1.0, 1.0 / g.abs().sum().item()) if n_iter == 1 else 1.0) * self.lr
+        return line_search.quasi_newton_first_step(n_iter, g, self.lr)
 
     def push(self, y: Tensor, s: Tensor, rho: Tensor) -> None:
         if len(self.ys) == self.size:
@@ -196,20 +131,20 @@ class _History:
             r = torch.add(r, s, alpha=(alpha - beta).item())
         return r
 
-    def to_state(self, state: State, like: Tensor) -> State:
-        def pack(rows: list[Tensor], buffer: Tensor) -> Tensor:
-            if not rows:
-                return torch.zeros_like(buffer)
-            filled = torch.stack(rows)
-            return torch.cat([filled, buffer.new_zeros(self.size - len(rows), *buffer.shape[1:])])
+    def to_state(self, like: Tensor) -> State:
+        def pack(rows: list[Tensor], width: int | None) -> Tensor:
+            shape = (self.size,) if width is None else (self.size, width)
+            buffer = like.new_zeros(shape)
+            if rows:
+                buffer[: len(rows)] = torch.stack(rows)
+            return buffer
 
+        n = like.numel()
         return {
-            "old_dirs": pack(self.ys, state["old_dirs"]),
-            "old_stps": pack(self.ss, state["old_stps"]),
-            "ro": pack(self.rhos, state["ro"]),
-            "history_len": torch.tensor(
-                len(self.ys), dtype=torch.int64, device=state["history_len"].device
-            ),
+            "old_dirs": pack(self.ys, n),
+            "old_stps": pack(self.ss, n),
+            "ro": pack(self.rhos, None),
+            "history_len": torch.tensor(len(self.ys), dtype=torch.int64, device=like.device),
             "H_diag": self.H_diag.to(dtype=like.dtype, device=like.device),
         }
 
@@ -217,7 +152,7 @@ class _History:
 # ---------------------------------------------------------------------- torch.optim class
 
 
-class LBFGSOptimizer(RuleOptimizer):
+class LBFGSOptimizer(OneGroupOptimizer):
     """``torch.optim.LBFGS`` on the :class:`LBFGS` rule: same signature, defaults and steps.
 
     ``step(closure)`` needs a closure that zeroes the gradients, computes the loss, calls
@@ -244,18 +179,10 @@ class LBFGSOptimizer(RuleOptimizer):
             max_eval,
             tolerance_grad,
             tolerance_change,
-            history_size,
-            line_search_fn,
+            line_search_fn=line_search_fn,
+            history_size=history_size,
         )
         super().__init__(params, rule)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self.param_groups:
-            raise ValueError(
-                "LBFGS supports a single parameter group (as torch.optim.LBFGS): pass all "
-                "parameters in one group, or use one LBFGS optimizer per group"
-            )
-        super().add_param_group(param_group)
 
 
 registry.register("lbfgs", LBFGS, LBFGSOptimizer)

@@ -27,18 +27,30 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
-from l2o.optim.base import LossFn, Params, State
+from l2o.optim.adapter import RuleOptimizer
+from l2o.optim.base import (
+    LearningRate,
+    LossFn,
+    Params,
+    State,
+    Step,
+    UpdateRule,
+    as_loss_fn,
+    check_hyperparameter,
+    lr_at,
+)
+from l2o.validation import positive_int
 
 # A curvature pair is stored only if s·y exceeds this, which keeps H positive definite.
 CURVATURE_EPS = 1e-10
 
-__all__ = ["Directions", "Progress", "iterate", "strong_wolfe"]
+__all__ = ["Directions", "LineSearchRule", "Progress", "iterate", "strong_wolfe"]
 
 # Sufficient-decrease and curvature constants of the strong Wolfe conditions (N&W §3.1).
 WOLFE_C1 = 1e-4
@@ -66,6 +78,9 @@ class Directions(Protocol):
 
     def first_step(self, n_iter: int, g: Tensor, gtd: float, progress: Progress) -> float:
         """The first trial step length along the new direction (before the search)."""
+
+    def to_state(self, like: Tensor) -> State:
+        """The memory as state entries (tensors on ``like``'s device)."""
 
 
 @dataclasses.dataclass
@@ -243,6 +258,109 @@ def iterate(
     return x, p
 
 
+def quasi_newton_first_step(n_iter: int, g: Tensor, lr: float) -> float:
+    """``torch.optim.LBFGS``'s first trial step: at most ``1/|g|_1`` at the first iteration ever
+    (the direction ``-g`` is not yet scaled by any curvature), then the unit step; times ``lr``."""
+    return (min(1.0, 1.0 / g.abs().sum().item()) if n_iter == 1 else 1.0) * lr
+
+
+class OneGroupOptimizer(RuleOptimizer):
+    """A :class:`~l2o.optim.adapter.RuleOptimizer` for rules over one flat vector of all
+    parameters (the curvature information couples them): one param group only."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups:
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} supports a single parameter group (as torch.optim.LBFGS): pass all "
+                f"parameters in one group, or use one {name} optimizer per group"
+            )
+        super().add_param_group(param_group)
+
+
+@dataclasses.dataclass(frozen=True)
+class LineSearchRule(UpdateRule):
+    """A rule on :func:`iterate` (L-BFGS, BFGS, nonlinear CG): ``torch.optim.LBFGS``'s
+    hyper-parameters and an ``update`` that runs the loop; subclasses give their ``METHOD``
+    name, their memory's initial state and their :class:`Directions` (which write the memory
+    back with ``to_state(like)``)."""
+
+    lr: LearningRate = 1.0
+    max_iter: int = 20
+    max_eval: int | None = None
+    tolerance_grad: float = 1e-7
+    tolerance_change: float = 1e-9
+    line_search_fn: str | None = "strong_wolfe"
+
+    needs_loss_fn: ClassVar[bool] = True
+    vmappable: ClassVar[bool] = False
+    PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset()
+    METHOD: ClassVar[str] = ""
+    #: The strong-Wolfe curvature constant c2.
+    WOLFE_C2: ClassVar[float] = WOLFE_C2
+
+    def __post_init__(self) -> None:
+        check_hyperparameter("lr", self.lr)
+        positive_int("max_iter", self.max_iter)
+        if self.max_eval is not None:
+            positive_int("max_eval", self.max_eval)
+        check_hyperparameter("tolerance_grad", self.tolerance_grad)
+        check_hyperparameter("tolerance_change", self.tolerance_change)
+        check_line_search(self.line_search_fn)
+
+    @property
+    def eval_budget(self) -> int:
+        """Loss-and-gradient evaluations allowed per ``update`` (``max_eval`` resolved)."""
+        return self.max_iter * 5 // 4 if self.max_eval is None else self.max_eval
+
+    def init(self, params: Params) -> State:
+        flat = flatten(params, "params", self.METHOD)
+        return {**self._init_memory(flat), **Progress.initial_state(flat)}
+
+    def update(
+        self,
+        grads: Params,
+        state: State,
+        params: Params,
+        *,
+        step: Step,
+        loss_fn: LossFn | None = None,
+    ) -> tuple[Params, State]:
+        """Up to ``max_iter`` iterations from ``params`` (``grads`` are at ``params``)."""
+        lr = float(lr_at(self.lr, step))
+        x0, g, loss, evaluate = start(
+            self.METHOD, grads, params, state, None if loss_fn is None else as_loss_fn(loss_fn)
+        )
+        directions = self._directions(state, x0, lr)
+        budget = Budget(
+            self.max_iter,
+            self.eval_budget,
+            self.tolerance_grad,
+            self.tolerance_change,
+            self.line_search_fn,
+            c2=self.WOLFE_C2,
+        )
+        x, progress = iterate(
+            self.METHOD,
+            directions,
+            evaluate,
+            params,
+            loss,
+            g,
+            Progress.from_state(state),
+            budget,
+            lr,
+        )
+        new_state = {**directions.to_state(x0), **progress.to_state(x0)}
+        return {k: x[k] - params[k] for k in params}, new_state
+
+    def _init_memory(self, flat: Tensor) -> State:
+        raise NotImplementedError
+
+    def _directions(self, state: State, flat: Tensor, lr: float) -> Directions:
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------- the strong-Wolfe search
 
 
@@ -323,8 +441,8 @@ def strong_wolfe(
     near_end_last_time = False
     while evals - 1 < max_evals:
         a, b = bracket
-        if abs(b.t - a.t) * d_scale < tolerance_change:
-            break
+        if abs(b.t - a.t) * d_scale < tolerance_change or a.t == b.t:
+            break  # the bracket has shrunk to nothing
         left, right = min(a.t, b.t), max(a.t, b.t)
         t_new = _cubic_minimizer(a, b, left, right)
         margin = 0.1 * (right - left)
@@ -413,6 +531,15 @@ def moved(x: Params, d: Tensor, t: float) -> Params:
         moved = torch.add(real, d[offset : offset + n].reshape(real.shape), alpha=t)
         out[k] = torch.view_as_complex(moved) if p.is_complex() else moved
         offset += n
+    return out
+
+
+def unflatten(flat: Tensor, like: Params) -> Params:
+    """The inverse of :func:`flatten` for real tensors: ``flat`` cut into ``like``'s shapes."""
+    out, offset = {}, 0
+    for k, p in like.items():
+        out[k] = flat[offset : offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
     return out
 
 
