@@ -72,6 +72,11 @@ class Unroll(NamedTuple):
     terms: MetaLossTerms
 
 
+# Rules that draw noise (Entropy-SGD's Langevin steps, LPF-SGD's perturbations) draw it
+# independently for every member of the population.
+RULE_RANDOMNESS = "different"
+
+
 def detach_carry(carry: Carry) -> Carry:
     """The carry cut from the autograd graph (between truncations)."""
     return tree_map_only(Tensor, Tensor.detach, carry)
@@ -150,9 +155,9 @@ def _population_grads_by_autograd(task: Task, params: Params, batch: Batch):
 
 def _per_member_update(factory, task: Task, meta, grads, state, params, step, batch):
     """Every member's update by its own rule ``factory(meta_i)`` (ES, PES)."""
-    return vmap(lambda m, *args: _member_update(factory(m), task, *args))(
-        meta, grads, state, params, step, batch
-    )
+    return vmap(
+        lambda m, *args: _member_update(factory(m), task, *args), randomness=RULE_RANDOMNESS
+    )(meta, grads, state, params, step, batch)
 
 
 def _forward_inner_step(factory, task: Task, params, state, step, batch, meta):
@@ -214,7 +219,7 @@ def unroll(
     def update(grads, state, params, step, batch, meta):
         if per_member:
             return _per_member_update(rule, task, meta, grads, state, params, step, batch)
-        return vmap(lambda *args: _member_update(rule, task, *args))(
+        return vmap(lambda *args: _member_update(rule, task, *args), randomness=RULE_RANDOMNESS)(
             grads, state, params, step, batch
         )
 

@@ -11,7 +11,16 @@ The classes carry ``torch.optim``'s names (``l2o.optim.Adam`` is the optimizer c
 of the same names live in :mod:`l2o.optim.rules`.
 """
 
-from l2o.optim import lbfgs, line_search, muon, newton, quasi_newton, rules, schedules
+from l2o.optim import (
+    lbfgs,
+    line_search,
+    muon,
+    newton,
+    quasi_newton,
+    rules,
+    schedules,
+    wrappers,
+)
 from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import UpdateRule, apply_updates
 from l2o.optim.lbfgs import LBFGSOptimizer as LBFGS
@@ -32,10 +41,16 @@ from l2o.optim.optimizers import (
 from l2o.optim.quasi_newton import BFGSOptimizer as BFGS
 from l2o.optim.quasi_newton import ConjugateGradientOptimizer as ConjugateGradient
 from l2o.optim.registry import get, get_class, names, register
+from l2o.optim.wrappers import EntropySGDOptimizer as EntropySGD
+from l2o.optim.wrappers import LookaheadOptimizer as Lookahead
+from l2o.optim.wrappers import PerturbedGradientOptimizer as PerturbedGradient
+from l2o.optim.wrappers import SAMOptimizer as SAM
+from l2o.optim.wrappers import WeightAveragingOptimizer as WeightAveraging
 
 __all__ = [
     "BFGS",
     "LBFGS",
+    "SAM",
     "SGD",
     "AMSGrad",
     "Adadelta",
@@ -44,13 +59,17 @@ __all__ = [
     "AdamW",
     "Adamax",
     "ConjugateGradient",
+    "EntropySGD",
     "LevenbergMarquardt",
+    "Lookahead",
     "Muon",
     "NAdam",
     "Newton",
+    "PerturbedGradient",
     "RMSprop",
     "RuleOptimizer",
     "UpdateRule",
+    "WeightAveraging",
     "apply_updates",
     "get",
     "get_class",
@@ -63,4 +82,5 @@ __all__ = [
     "register",
     "rules",
     "schedules",
+    "wrappers",
 ]
