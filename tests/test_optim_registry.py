@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import l2o.optim as O
-from l2o.optim import newton, quasi_newton, registry, rules
+from l2o.optim import curvature, newton, quasi_newton, registry, rules
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FIRST_ORDER = {
@@ -92,6 +92,9 @@ NAMED_CLASSES = [
     (O.ConjugateGradient, quasi_newton.ConjugateGradient),
     (O.Newton, newton.Newton),
     (O.LevenbergMarquardt, newton.LevenbergMarquardt),
+    (O.AdaHessian, curvature.AdaHessian),
+    (O.Sophia, curvature.Sophia),
+    (O.INNA, curvature.INNA),
 ]
 
 

@@ -12,6 +12,7 @@ of the same names live in :mod:`l2o.optim.rules`.
 """
 
 from l2o.optim import (
+    curvature,
     lbfgs,
     line_search,
     muon,
@@ -23,6 +24,9 @@ from l2o.optim import (
 )
 from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import UpdateRule, apply_updates
+from l2o.optim.curvature import AdaHessianOptimizer as AdaHessian
+from l2o.optim.curvature import INNAOptimizer as INNA
+from l2o.optim.curvature import SophiaOptimizer as Sophia
 from l2o.optim.lbfgs import LBFGSOptimizer as LBFGS
 from l2o.optim.newton import LevenbergMarquardtOptimizer as LevenbergMarquardt
 from l2o.optim.newton import NewtonOptimizer as Newton
@@ -49,10 +53,12 @@ from l2o.optim.wrappers import WeightAveragingOptimizer as WeightAveraging
 
 __all__ = [
     "BFGS",
+    "INNA",
     "LBFGS",
     "SAM",
     "SGD",
     "AMSGrad",
+    "AdaHessian",
     "Adadelta",
     "Adagrad",
     "Adam",
@@ -68,9 +74,11 @@ __all__ = [
     "PerturbedGradient",
     "RMSprop",
     "RuleOptimizer",
+    "Sophia",
     "UpdateRule",
     "WeightAveraging",
     "apply_updates",
+    "curvature",
     "get",
     "get_class",
     "lbfgs",
