@@ -13,6 +13,7 @@ of the same names live in :mod:`l2o.optim.rules`.
 
 from l2o.optim import (
     curvature,
+    gradient_free,
     lbfgs,
     line_search,
     muon,
@@ -27,6 +28,8 @@ from l2o.optim.base import UpdateRule, apply_updates
 from l2o.optim.curvature import AdaHessianOptimizer as AdaHessian
 from l2o.optim.curvature import INNAOptimizer as INNA
 from l2o.optim.curvature import SophiaOptimizer as Sophia
+from l2o.optim.gradient_free import EvolutionStrategyOptimizer as EvolutionStrategy
+from l2o.optim.gradient_free import RandomSearchOptimizer as RandomSearch
 from l2o.optim.lbfgs import LBFGSOptimizer as LBFGS
 from l2o.optim.newton import LevenbergMarquardtOptimizer as LevenbergMarquardt
 from l2o.optim.newton import NewtonOptimizer as Newton
@@ -66,6 +69,7 @@ __all__ = [
     "Adamax",
     "ConjugateGradient",
     "EntropySGD",
+    "EvolutionStrategy",
     "LevenbergMarquardt",
     "Lookahead",
     "Muon",
@@ -73,6 +77,7 @@ __all__ = [
     "Newton",
     "PerturbedGradient",
     "RMSprop",
+    "RandomSearch",
     "RuleOptimizer",
     "Sophia",
     "UpdateRule",
@@ -81,6 +86,7 @@ __all__ = [
     "curvature",
     "get",
     "get_class",
+    "gradient_free",
     "lbfgs",
     "line_search",
     "muon",
