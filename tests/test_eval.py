@@ -501,6 +501,33 @@ def test_tiny_suite_on_cuda(tmp_path):
     assert all(math.isfinite(t["optimizers"]["adam"]["final_loss"]) for t in rows)
 
 
+@pytest.mark.parametrize(
+    ("name", "needs"),
+    [
+        ("levenberg_marquardt", "residuals_and_jacobian"),
+        ("adafisher", "kronecker_factors"),
+        ("sophia_g", "gnb_diagonal"),
+    ],
+)
+def test_rules_that_need_more_than_the_loss_are_refused_with_the_reason(name, needs):
+    with pytest.raises(ContenderError, match=f"{name}' needs a loss function that gives {needs}"):
+        rule_contender(name)
+
+
+@pytest.mark.parametrize("name", ["sam", "bfgs", "newton_cg", "adahessian", "random_search"])
+def test_new_hand_designed_rules_run_as_l2o_eval_baselines(name):
+    from l2o.eval.contenders import RuleContender
+
+    contender = rule_contender(name)
+    task = QuadraticTask(dim=4, cond=10.0)
+    lr = (1.0 if name in ("bfgs", "newton_cg") else 0.05) if contender.tunes_lr else None
+    if isinstance(contender, RuleContender):  # vmapped, the task's loss as loss_fn
+        run = run_rule(contender.build(lr), task, (HELD_OUT_SEED,), 20)
+    else:  # its torch.optim class with a closure
+        run = run_torch(contender, lr, task, (HELD_OUT_SEED,), 20)
+    assert float(run.curves[-1, 0]) < float(run.curves[0, 0])
+
+
 def test_a_rule_that_cannot_vmap_runs_through_its_torch_optim_class(tmp_path):
     from l2o.eval.contenders import TorchContender
 

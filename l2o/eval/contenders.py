@@ -174,9 +174,16 @@ def rule_contender(
     if "lr" in hparams:
         raise ContenderError(f"optimizer {rule!r}: lr is tuned per task; remove it from hparams")
     try:
-        registry.get(rule, **hparams)
+        built = registry.get(rule, **hparams)
     except (TypeError, ValueError) as err:
         raise ContenderError(f"optimizer {rule!r} with {hparams}: {err}") from None
+    needs = built.loss_fn_requirements()
+    if needs:
+        raise ContenderError(
+            f"optimizer {rule!r} needs a loss function that gives {', '.join(sorted(needs))} "
+            "(residuals, layer statistics or resampled labels); l2o-eval's tasks give the loss "
+            "as a function of the parameters only"
+        )
     label = rule + "".join(f",{k}={v}" for k, v in sorted(hparams.items()))
     if not entry.rule_cls.vmappable:
         return TorchContender(label, f"l2o.optim.registry:{rule}", entry.optimizer_cls, hparams)

@@ -12,6 +12,7 @@ of the same names live in :mod:`l2o.optim.rules`.
 """
 
 from l2o.optim import (
+    adafisher,
     curvature,
     gradient_free,
     lbfgs,
@@ -23,6 +24,7 @@ from l2o.optim import (
     schedules,
     wrappers,
 )
+from l2o.optim.adafisher import AdaFisherOptimizer as AdaFisher
 from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import UpdateRule, apply_updates
 from l2o.optim.curvature import AdaHessianOptimizer as AdaHessian
@@ -61,6 +63,7 @@ __all__ = [
     "SAM",
     "SGD",
     "AMSGrad",
+    "AdaFisher",
     "AdaHessian",
     "Adadelta",
     "Adagrad",
@@ -82,6 +85,7 @@ __all__ = [
     "Sophia",
     "UpdateRule",
     "WeightAveraging",
+    "adafisher",
     "apply_updates",
     "curvature",
     "get",

@@ -81,7 +81,7 @@ class RuleOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param group; returns the closure's loss (or None)."""
         probing = self.rule.needs_loss_fn
-        if probing and closure is None:
+        if closure is None and self._closure_required():
             raise RuntimeError(
                 f"{type(self.rule).__name__} evaluates the loss at other points, so "
                 f"{type(self).__name__}.step needs a closure: "
@@ -103,7 +103,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 self._step_group(group, grads, closure, None)
             return loss
-        known_loss = scalar_loss(loss, "the closure")
+        known_loss = None if loss is None else scalar_loss(loss, "the closure")
         # The closure runs again at candidate points and may raise (or be interrupted): then
         # every parameter, gradient and state entry is put back as it was before this step.
         snapshot = self._snapshot(grads)
@@ -115,6 +115,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             self._restore(snapshot, grads)
             raise
         return loss
+
+    def _closure_required(self) -> bool:
+        """Whether ``step`` needs a closure (a rule that evaluates the loss elsewhere; a
+        subclass may give its rule the loss by other means)."""
+        return self.rule.needs_loss_fn
 
     def _snapshot(self, grads: Mapping[Tensor, Tensor]) -> dict[Tensor, tuple[Tensor, dict]]:
         # State entries are replaced, never modified in place, so shallow copies suffice.

@@ -150,6 +150,13 @@ class UpdateRule(ABC):
         rules (the guard) build theirs from their parts."""
         return self.PARAMETER_SLOTS
 
+    def loss_fn_requirements(self) -> frozenset[str]:
+        """Methods the rule calls on ``loss_fn`` beyond the :class:`LossFn` protocol and
+        ``hvp`` (Levenberg–Marquardt's ``residuals_and_jacobian``, AdaFisher's
+        ``kronecker_factors``): a loss that is only a function of the parameters (what
+        ``l2o-eval`` and meta-training unrolls give) cannot serve these rules."""
+        return frozenset()
+
 
 def apply_updates(params: Params, updates: Params) -> Params:
     """``{k: params[k] + updates[k]}``, out of place."""

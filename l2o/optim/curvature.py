@@ -263,6 +263,9 @@ class Sophia(UpdateRule):
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
 
+    def loss_fn_requirements(self) -> frozenset[str]:
+        return frozenset({"gnb_diagonal"}) if self.estimator == "gnb" else frozenset()
+
     def init(self, params: Params) -> State:
         return {"exp_avg": zeros_like_params(params), "hessian": zeros_like_params(params)}
 

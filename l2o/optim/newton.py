@@ -362,6 +362,9 @@ class LevenbergMarquardt(_DampedRule):
 
     METHOD: ClassVar[str] = "LevenbergMarquardt"
 
+    def loss_fn_requirements(self) -> frozenset[str]:
+        return frozenset({"residuals_and_jacobian"})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.scaling not in SCALINGS:
