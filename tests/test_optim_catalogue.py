@@ -123,3 +123,54 @@ def test_state_dict_round_trip_resumes_exactly(name):
         _step(name, resumed, resumed_model, x, y)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def _regression():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)
+    ).double()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    return model, x, torch.sin(x.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("name", sorted(SPECIAL_CLOSURES))
+def test_least_squares_optimizers_fit_a_small_mlp_and_resume_exactly(name):
+    """Their closure returns the residuals r(θ) = model(x) - y."""
+    model, x, y = _regression()
+    opt = O.get_class(name)(model.parameters())
+
+    def residuals(net):
+        return lambda: (net(x) - y).reshape(-1)
+
+    first = float(0.5 * residuals(model)().pow(2).sum().detach())
+    for _ in range(12):
+        opt.step(residuals(model))
+    assert float(0.5 * residuals(model)().pow(2).sum().detach()) < 0.5 * first
+    resumed_model = copy.deepcopy(model)
+    resumed = O.get_class(name)(resumed_model.parameters())
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(3):
+        opt.step(residuals(model))
+        resumed.step(residuals(resumed_model))
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fallback", ["sam", "lookahead", "swa", "adahessian", "bfgs", "inna"])
+def test_new_rules_serve_as_the_guards_fallback(fallback):
+    from l2o.guard import GuardRule
+    from l2o.optim.adapter import RuleOptimizer
+
+    model, x, y = _task()
+    guarded = GuardRule(
+        learned=O.get("sgd", lr=50.0),  # a diverging "learned" side: the fallback must win
+        fallback=O.get(fallback, **SETTINGS.get(fallback, {})),
+    )
+    opt = RuleOptimizer(model.parameters(), guarded)
+    first = _loss(model, x, y)
+    for _ in range(15):
+        _step(fallback, opt, model, x, y)
+    assert _loss(model, x, y) < 0.97 * first
+    state = next(iter(opt.state.values()))
+    assert int(state["group:fallback_steps"]) > 0
