@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import l2o.optim as O
-from l2o.optim import apply_updates, rules
+from l2o.optim import apply_updates, registry, rules
 
 STEPS = 60
 
@@ -130,6 +130,22 @@ def test_pure_rule_in_functional_loop_matches_torch_optim_twin(case):
 
 
 FIRST_ORDER = [n for n in O.names() if not O.get(n).needs_loss_fn]
+# The first-order rules with a torch.optim namesake (the others: INNA, the wrappers).
+TORCH_TWINS = {"momentum": "SGD", "nesterov": "SGD", "amsgrad": "Adam"}
+TWINNED = [
+    n for n in FIRST_ORDER if hasattr(torch.optim, TORCH_TWINS.get(n, type(O.get(n)).__name__))
+]
+# Every rule that needs nothing but a loss function of the parameters.
+PLAIN_LOSS = [n for n in O.names() if not O.get(n).loss_fn_requirements()]
+
+
+def _with_weight_decay(name, value, **hparams):
+    # Weight decay exercises one more branch where a rule has it.
+    if "weight_decay" in registry._entry(name).rule_cls.hyperparameter_names():
+        hparams["weight_decay"] = value
+    return O.get(name, **hparams)
+
+
 VMAP_HPARAMS = {
     "adagrad": dict(lr_decay=0.1),
     "rmsprop": dict(centered=True, momentum=0.5),
@@ -140,7 +156,7 @@ VMAP_HPARAMS = {
 
 @pytest.mark.parametrize("name", FIRST_ORDER)
 def test_vmapped_rule_over_8_tasks_at_different_steps_equals_python_loop(name):
-    rule = O.get(name, lr=0.01, weight_decay=0.01, **VMAP_HPARAMS.get(name, {}))
+    rule = _with_weight_decay(name, 0.01, lr=0.01, **VMAP_HPARAMS.get(name, {}))
     g = torch.Generator().manual_seed(2)
     params = {"w": torch.randn(8, 5, 3, generator=g), "b": torch.randn(8, 3, generator=g)}
     targets = torch.randn(8, 3, generator=g)
@@ -235,12 +251,16 @@ def test_rule_with_a_schedule_as_lr_uses_the_schedule_at_each_step():
 
 def test_rules_are_pure_inputs_unchanged_and_state_keeps_shape_and_dtype():
     params = {"a": torch.randn(3, 2), "b": torch.randn(4)}
-    grads = {k: torch.randn_like(v) for k, v in params.items()}
-    for name in FIRST_ORDER:
-        rule = O.get(name, weight_decay=0.1)
+
+    def loss(p):
+        return sum(((v - 1) ** 2).sum() for v in p.values())
+
+    grads = grad(loss)(params)
+    for name in PLAIN_LOSS:
+        rule = _with_weight_decay(name, 0.1)
         state = rule.init(params)
         before = [t.clone() for t in (*params.values(), *grads.values(), *_leaves(state))]
-        _, new_state = rule.update(grads, state, params, step=0)
+        _, new_state = rule.update(grads, state, params, step=0, loss_fn=loss)
         after = [*params.values(), *grads.values(), *_leaves(state)]
         assert all(torch.equal(x, y) for x, y in zip(before, after)), name
         assert [(t.shape, t.dtype) for t in _leaves(new_state)] == [
@@ -290,10 +310,9 @@ def test_betas_from_a_list_become_a_tuple():
 
 
 def test_field_names_are_torch_optim_hyperparameter_names():
-    for name in FIRST_ORDER:
+    for name in TWINNED:
         rule = O.get(name)
-        twin = {"momentum": "SGD", "nesterov": "SGD", "amsgrad": "Adam"}.get(name)
-        twin_cls = getattr(torch.optim, twin or type(rule).__name__)
+        twin_cls = getattr(torch.optim, TORCH_TWINS.get(name, type(rule).__name__))
         shape = (2, 2) if name == "muon" else (1,)  # torch.optim.Muon takes matrices only
         torch_defaults = twin_cls([torch.zeros(shape, requires_grad=True)]).defaults
         # l2o's own additions: eps_root (Adam), and Muon's rule for non-matrices and NS dtype.
