@@ -538,3 +538,20 @@ def test_a_rule_that_cannot_vmap_runs_through_its_torch_optim_class(tmp_path):
     assert float(run.curves[-1, 0]) < 1e-3 * float(run.curves[0, 0])  # quasi-Newton
     with pytest.raises(ConfigError, match=r"^reference: lbfgs cannot run under vmap"):
         build_plan(_tiny(tmp_path / "run", "reference=lbfgs"))
+
+
+def test_speedup_plot_accepts_an_interval_that_excludes_its_estimate(tmp_path):
+    """A bootstrap percentile interval can sit just above the point estimate (rounding, or a
+    skewed resampling distribution); the plot draws no negative error bar for it."""
+    from l2o.eval.report import plot_speedups
+
+    aggregate = {
+        "adam": {"iqm_speedup": 1.0, "speedup_ci": [1.0, 1.0]},
+        "inna": {"iqm_speedup": 0.24000000000000002, "speedup_ci": [0.24000000000000005, 0.3]},
+    }
+    results = {
+        "reference": "adam",
+        "optimizers": ["adam", "inna"],
+        "suites": {"in_distribution": {"aggregate": aggregate}},
+    }
+    assert plot_speedups(results, tmp_path / "speedup.png").is_file()

@@ -373,3 +373,17 @@ def test_levenberg_marquardt_without_residuals_says_what_it_needs():
     opt = O.LevenbergMarquardt([torch.nn.Parameter(torch.ones(3))])
     with pytest.raises(TypeError, match="residuals as a floating-point tensor"):
         opt.step(lambda: 3)
+
+
+def test_line_search_pieces_survive_degenerate_inputs():
+    """A search that returned t = 0 (all evaluations spent on worse points) must not make the
+    next CG iteration start from a zero step, nor the cubic fit divide by zero."""
+    from l2o.optim.line_search import Progress, _cubic_minimizer, _Trial
+    from l2o.optim.quasi_newton import _Conjugate
+
+    point = _Trial(0.5, 1.0, torch.zeros(2), -1.0)
+    assert _cubic_minimizer(point, point, 1.0, 3.0) == 2.0
+    g = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    stalled = Progress(g, 0.0, g, 1.0, -5.0, n_iter=3, func_evals=9)
+    step = _Conjugate("polak_ribiere", 10, 1, 1.0, True).first_step(4, g, -5.0, stalled)
+    assert step == pytest.approx(1.0 / 3.0)  # min(1, 1/|g|_1), the restart's first step

@@ -295,8 +295,11 @@ def plot_speedups(results: Mapping[str, Any], path: Path) -> Path:
             low, high = a["speedup_ci"]
             xs.append(g + (i - (len(names) - 1) / 2) * width)
             ys.append(y)
-            lows.append(y - low if math.isfinite(low) and math.isfinite(y) else 0.0)
-            highs.append(high - y if math.isfinite(high) and math.isfinite(y) else 0.0)
+            # A percentile interval need not contain the estimate (rounding, or a skewed
+            # bootstrap distribution): an error bar cannot reach past it.
+            finite = math.isfinite(y)
+            lows.append(max(0.0, y - low) if finite and math.isfinite(low) else 0.0)
+            highs.append(max(0.0, high - y) if finite and math.isfinite(high) else 0.0)
         ax.bar(xs, ys, width=width, label=name, yerr=[lows, highs], capsize=2)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(groups)))

@@ -486,6 +486,8 @@ def _cubic_minimizer(a: _Trial, b: _Trial, low: float, high: float) -> float:
     """
     if a.t > b.t:
         a, b = b, a
+    if a.t == b.t:  # one point: no cubic through it
+        return (low + high) / 2.0
     d1 = a.gtd + b.gtd - 3.0 * (a.f - b.f) / (a.t - b.t)
     disc = d1 * d1 - a.gtd * b.gtd
     if disc < 0 or math.isnan(disc):

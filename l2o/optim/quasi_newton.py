@@ -32,6 +32,7 @@ Fletcher & Reeves, "Function minimization by conjugate gradients", 1964; Polak &
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -178,10 +179,12 @@ class _Conjugate:
     def first_step(self, n_iter: int, g: Tensor, gtd: float, progress: Progress) -> float:
         if not self.searching:
             return self.lr
-        if n_iter == 1 or progress.gtd == 0 or gtd == 0:
+        # N&W eq. 3.60: the same first-order change in f as the previous iteration's step; a
+        # restart's first step when there is none (the first iteration, a failed search).
+        guess = progress.t * progress.gtd / gtd if n_iter > 1 and gtd != 0 else 0.0
+        if not (math.isfinite(guess) and guess > 0):
             return line_search.quasi_newton_first_step(1, g, self.lr)
-        # N&W eq. 3.60: the same first-order change in f as the previous iteration's step.
-        return progress.t * progress.gtd / gtd
+        return guess
 
     def to_state(self, like: Tensor) -> State:
         return {

@@ -92,7 +92,7 @@ class _Wrapper(UpdateRule):
             raise TypeError(f"base {type(self.base).__name__} has no lr")
         if self.lr is None:
             object.__setattr__(self, "lr", self.base.lr)
-        elif self.lr != self.base.lr:
+        else:  # (no comparison first: a tensor lr, a vmapped population of them, cannot branch)
             object.__setattr__(self, "base", self.base.replace(lr=self.lr))
 
     @classmethod
