@@ -48,9 +48,10 @@ def make(dtype=torch.float64, **config):
     return lopt, meta
 
 
+@pytest.mark.parametrize("step_scale", ["constant", "adam_rms"])
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
-def test_updates_are_unchanged_when_the_loss_is_rescaled(scale):
-    lopt, meta = make()
+def test_updates_are_unchanged_when_the_loss_is_rescaled(scale, step_scale):
+    lopt, meta = make(step_scale=step_scale)
     rule = lopt.rule(meta)
     params = params_of()
     grads = gradient_sequence(params)
@@ -112,6 +113,26 @@ def test_vector_updates_have_the_learned_step_size_as_rms():
     for name in ("b", "s"):
         rms = float(torch.sqrt(torch.mean(updates[name] ** 2)))
         assert math.isclose(rms, 2.0 * 0.02, rel_tol=1e-6)  # log_lr initialised in float32
+
+
+def test_adam_rms_step_scale_shrinks_steps_when_gradients_are_noise():
+    """min(1, rms(m_0.9 / s)): about sqrt(0.1 / 1.9) = 0.23 for independent gradients, 1 for a
+    constant one; the constant step scale ignores the difference."""
+    params = params_of()
+    constant_grads = [dict(gradient_sequence(params, steps=1)[0]) for _ in range(200)]
+    noise = gradient_sequence(params, steps=200, seed=5)
+
+    def final_rms(step_scale, grads):
+        lopt, meta = make(step_scale=step_scale)
+        update = run(lopt.rule(meta), params, grads)[-1]["w"]
+        return float(update.pow(2).mean().sqrt())
+
+    # (Newton–Schulz leaves singular values in a band, so the constant scale's RMS varies a bit.)
+    fixed_noise, fixed_signal = final_rms("constant", noise), final_rms("constant", constant_grads)
+    assert fixed_noise == pytest.approx(fixed_signal, rel=0.1)
+    ratio = final_rms("adam_rms", noise) / fixed_noise
+    assert 0.1 < ratio < 0.45  # the noise floor's sqrt((1 - β)/(1 + β)), per-tensor estimate
+    assert final_rms("adam_rms", constant_grads) == pytest.approx(fixed_signal, rel=1e-6)
 
 
 def test_vector_rule_can_be_a_hand_designed_rule():
@@ -228,6 +249,7 @@ def test_drop_in_optimizer_trains_a_module(tmp_path):
         ({"vector_rule": "nope"}, "nope"),
         ({"vector_hparams": {"lr": 1.0}}, "vector_hparams"),
         ({"lr_init": 0.0}, "lr_init"),
+        ({"step_scale": "adaptive"}, "step_scale"),
     ],
 )
 def test_bad_configurations_are_refused_with_the_key(config, match):

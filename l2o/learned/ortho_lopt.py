@@ -41,6 +41,14 @@ output layer, the optimizer already behaves like a known one) and ``λ = exp_mul
   (``vector_rule="learned"``), or a hand-designed rule from :mod:`l2o.optim` by name (e.g.
   ``"adamw"`` with ``vector_hparams``), scaled by ``lr``.
 
+**Step size.** Both normalisations remove the direction's scale, so with
+``step_scale="constant"`` every step has the learned size, however noisy the gradients: a
+constant-size random walk once training reaches its noise floor, which no horizon-free rule
+can anneal. ``step_scale="adam_rms"`` multiplies each tensor's step by ``min(1, rms(base))``,
+the RMS of the Adam-like direction ``m_β / s`` bias-corrected as Adam's: about 1 while the
+gradients agree from step to step and about ``sqrt((1 - β)/(1 + β))`` (0.23 for β = 0.9) when
+they are noise, the shrinkage Adam applies coordinate-wise, measured per tensor and scale-free.
+
 ``lr`` (the rule's field, default 1) multiplies everything, so the ``torch.optim`` adapter and
 LR schedulers scale it. Pure, vmappable and differentiable, like every rule.
 """
@@ -67,6 +75,7 @@ RELATIVE_EPS = 1e-8
 #: Absolute floor inside every square root: only an all-zero tensor ever sees it.
 TINY = 1e-30
 MATRIX_SCALINGS = ("spectral", "match_rms_adamw")
+STEP_SCALES = ("constant", "adam_rms")
 NS_DTYPES = ("float32", "float64", "bfloat16")
 
 
@@ -88,6 +97,8 @@ class OrthoMLPLOpt(LOpt):
         vector_rule: ``"learned"`` or a registered hand-designed rule (:func:`l2o.optim.names`).
         vector_hparams: that rule's hyper-parameters.
         vector_keys: names of tensors of 2 or more dims to update as vectors (e.g. embeddings).
+        step_scale: ``"constant"`` (the normalised step's size is the learned step size) or
+            ``"adam_rms"`` (times ``min(1, rms(base))`` per tensor, see the module docstring).
     """
 
     name = "ortho_mlp"
@@ -108,6 +119,7 @@ class OrthoMLPLOpt(LOpt):
         vector_rule: str = "learned",
         vector_hparams: Mapping[str, Any] | None = None,
         vector_keys: Sequence[str] = (),
+        step_scale: str = "constant",
     ) -> None:
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if any(h < 1 for h in self.hidden_sizes):
@@ -151,6 +163,9 @@ class OrthoMLPLOpt(LOpt):
         elif self.vector_hparams:
             raise ValueError("vector_hparams are for a hand-designed vector_rule, not 'learned'")
         self.vector_keys = tuple(str(k) for k in vector_keys)
+        if step_scale not in STEP_SCALES:
+            raise ValueError(f"step_scale must be one of {STEP_SCALES}, got {step_scale!r}")
+        self.step_scale = step_scale
 
     @property
     def num_features(self) -> int:
@@ -177,6 +192,7 @@ class OrthoMLPLOpt(LOpt):
             "vector_rule": self.vector_rule,
             "vector_hparams": dict(self.vector_hparams),
             "vector_keys": list(self.vector_keys),
+            "step_scale": self.step_scale,
         }
 
     def init_meta(self, generator: torch.Generator) -> Params:
@@ -291,6 +307,14 @@ class OrthoMLPRule(LearnedRule):
         base = inputs[:, self.lopt.base_momentum]
         return (base + direction) * torch.exp(self.lopt.exp_mult * log_magnitude)
 
+    def _adam_rms(self, inputs: Tensor, step: Step, constants: dict[str, Any]) -> Tensor:
+        """``min(1, rms(m̂ / sqrt(v̂)))`` of the base momentum, bias-corrected as Adam's (so
+        that it measures the gradients' agreement from the first step on)."""
+        count = (step + 1) if not isinstance(step, Tensor) else (step + 1).to(inputs.dtype)
+        beta_m = constants["beta_m"][self.lopt.base_momentum]
+        correction = torch.sqrt(1 - constants["beta_v"] ** count) / (1 - beta_m**count)
+        return (_rms(inputs[:, self.lopt.base_momentum]) * correction).clamp(max=1.0)
+
     def _matrix_step(self, u: Tensor, shape: torch.Size) -> Tensor:
         rows, cols = shape[0], math.prod(shape[1:])
         ortho = newton_schulz(
@@ -336,6 +360,8 @@ class OrthoMLPRule(LearnedRule):
                 delta = self._matrix_step(u, p.shape)
             else:
                 delta = torch.exp(self.meta_params["log_lr_vector"]).to(u) * u / _rms(u)
+            if self.lopt.step_scale == "adam_rms":
+                delta = delta * self._adam_rms(inputs, step, constants)
             updates[name] = (-lr * delta).to(p.dtype)
             new_state["m"][name], new_state["v"][name] = m, v
         if hand:
