@@ -135,6 +135,20 @@ def test_adam_rms_step_scale_shrinks_steps_when_gradients_are_noise():
     assert final_rms("adam_rms", constant_grads) == pytest.approx(fixed_signal, rel=1e-6)
 
 
+def test_weight_decay_is_decoupled_at_each_tensors_step_size():
+    params = params_of()
+    grads = gradient_sequence(params, steps=1)
+    lopt, meta = make(lr_init=0.02)
+    decayed_lopt, _ = make(lr_init=0.02, weight_decay=0.5)
+    plain = run(lopt.rule(meta, lr=2.0), params, grads)[0]
+    decayed = run(decayed_lopt.rule(meta, lr=2.0), params, grads)[0]
+    for k in params:
+        kind = "matrix" if params[k].ndim >= 2 else "vector"
+        step_size = float(torch.exp(meta[f"log_lr_{kind}"]))  # 0.02, rounded through float32
+        expected = plain[k] - 2.0 * step_size * 0.5 * params[k]
+        torch.testing.assert_close(decayed[k], expected, rtol=1e-9, atol=1e-12)
+
+
 def test_vector_rule_can_be_a_hand_designed_rule():
     lopt, meta = make(vector_rule="adamw", vector_hparams={"lr": 3e-3, "weight_decay": 0.1})
     rule = lopt.rule(meta)
@@ -250,6 +264,7 @@ def test_drop_in_optimizer_trains_a_module(tmp_path):
         ({"vector_hparams": {"lr": 1.0}}, "vector_hparams"),
         ({"lr_init": 0.0}, "lr_init"),
         ({"step_scale": "adaptive"}, "step_scale"),
+        ({"weight_decay": -0.1}, "weight_decay"),
     ],
 )
 def test_bad_configurations_are_refused_with_the_key(config, match):

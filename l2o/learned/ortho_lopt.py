@@ -49,6 +49,11 @@ the RMS of the Adam-like direction ``m_β / s`` bias-corrected as Adam's: about 
 gradients agree from step to step and about ``sqrt((1 - β)/(1 + β))`` (0.23 for β = 0.9) when
 they are noise, the shrinkage Adam applies coordinate-wise, measured per tensor and scale-free.
 
+With normalised steps and no decay, the weights' norms grow as a random walk once the
+gradients are noise (and the logits with them): ``weight_decay`` ``λ`` adds the decoupled
+``-step_size·λ·p`` (AdamW's and Muon's form, at each tensor's own step size), which bounds
+them.
+
 ``lr`` (the rule's field, default 1) multiplies everything, so the ``torch.optim`` adapter and
 LR schedulers scale it. Pure, vmappable and differentiable, like every rule.
 """
@@ -99,6 +104,8 @@ class OrthoMLPLOpt(LOpt):
         vector_keys: names of tensors of 2 or more dims to update as vectors (e.g. embeddings).
         step_scale: ``"constant"`` (the normalised step's size is the learned step size) or
             ``"adam_rms"`` (times ``min(1, rms(base))`` per tensor, see the module docstring).
+        weight_decay: ``λ`` of a decoupled weight decay ``-step_size·λ·p`` on the learned
+            tensors (matrices and learned vectors), at each tensor's own step size.
     """
 
     name = "ortho_mlp"
@@ -120,6 +127,7 @@ class OrthoMLPLOpt(LOpt):
         vector_hparams: Mapping[str, Any] | None = None,
         vector_keys: Sequence[str] = (),
         step_scale: str = "constant",
+        weight_decay: float = 0.0,
     ) -> None:
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if any(h < 1 for h in self.hidden_sizes):
@@ -166,6 +174,8 @@ class OrthoMLPLOpt(LOpt):
         if step_scale not in STEP_SCALES:
             raise ValueError(f"step_scale must be one of {STEP_SCALES}, got {step_scale!r}")
         self.step_scale = step_scale
+        check_hyperparameter("weight_decay", weight_decay)
+        self.weight_decay = float(weight_decay)
 
     @property
     def num_features(self) -> int:
@@ -193,6 +203,7 @@ class OrthoMLPLOpt(LOpt):
             "vector_hparams": dict(self.vector_hparams),
             "vector_keys": list(self.vector_keys),
             "step_scale": self.step_scale,
+            "weight_decay": self.weight_decay,
         }
 
     def init_meta(self, generator: torch.Generator) -> Params:
@@ -315,7 +326,7 @@ class OrthoMLPRule(LearnedRule):
         correction = torch.sqrt(1 - constants["beta_v"] ** count) / (1 - beta_m**count)
         return (_rms(inputs[:, self.lopt.base_momentum]) * correction).clamp(max=1.0)
 
-    def _matrix_step(self, u: Tensor, shape: torch.Size) -> Tensor:
+    def _matrix_direction(self, u: Tensor, shape: torch.Size) -> Tensor:
         rows, cols = shape[0], math.prod(shape[1:])
         ortho = newton_schulz(
             u.reshape(rows, cols),
@@ -326,7 +337,7 @@ class OrthoMLPRule(LearnedRule):
             ratio = math.sqrt(max(1.0, rows / cols))
         else:
             ratio = 0.2 * math.sqrt(max(rows, cols))
-        return torch.exp(self.meta_params["log_lr_matrix"]).to(u) * ratio * ortho.reshape(shape)
+        return ratio * ortho.reshape(shape)
 
     def update(
         self,
@@ -356,12 +367,13 @@ class OrthoMLPRule(LearnedRule):
             matrix = self._is_matrix(name, p)
             inputs = self._inputs(g, p.to(dtype), m, v, matrix)
             u = self._direction(inputs, constants).reshape(p.shape)
-            if matrix:
-                delta = self._matrix_step(u, p.shape)
-            else:
-                delta = torch.exp(self.meta_params["log_lr_vector"]).to(u) * u / _rms(u)
+            kind = "matrix" if matrix else "vector"
+            step_size = torch.exp(self.meta_params[f"log_lr_{kind}"]).to(u)
             if self.lopt.step_scale == "adam_rms":
-                delta = delta * self._adam_rms(inputs, step, constants)
+                step_size = step_size * self._adam_rms(inputs, step, constants)
+            direction = self._matrix_direction(u, p.shape) if matrix else u / _rms(u)
+            # Decoupled weight decay at the step's own size (as Muon and AdamW scale it by lr).
+            delta = step_size * (direction + self.lopt.weight_decay * p.to(dtype))
             updates[name] = (-lr * delta).to(p.dtype)
             new_state["m"][name], new_state["v"][name] = m, v
         if hand:
