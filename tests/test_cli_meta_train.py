@@ -233,15 +233,20 @@ def test_warm_start_from_another_lopt_or_a_bad_file_is_refused_before_any_work(t
     assert not (tmp_path / "b" / "run").exists()
 
 
-def test_shipped_default_checkpoint_was_trained_by_the_experiment_config_that_claims_it():
-    """configs/experiment/mnist1d_mlp.yaml must stay the recipe of checkpoints/default."""
+@pytest.mark.parametrize(
+    ("checkpoint", "experiment"), [("default", "mnist1d_mlp"), ("ortho_mlp", "ortho_mlp")]
+)
+def test_shipped_checkpoint_was_trained_by_the_experiment_config_that_claims_it(
+    checkpoint, experiment
+):
+    """configs/experiment/<experiment>.yaml must stay the recipe of checkpoints/<checkpoint>."""
     from omegaconf import OmegaConf
 
     from l2o.learned.checkpoint import resolve_checkpoint
     from l2o.meta.configure import build
 
-    recipe = compose_config("experiment=mnist1d_mlp")
-    _, _, card = load_checkpoint(resolve_checkpoint("default"))
+    recipe = compose_config(f"experiment={experiment}")
+    _, _, card = load_checkpoint(resolve_checkpoint(checkpoint))
     # The card records the config as it was; what it builds must be what the recipe builds.
     shipped = OmegaConf.create(card["config"])
     shipped.outer_optim = _as_direct_rule_config(card["config"]["outer_optim"])
