@@ -133,6 +133,10 @@ def test_adam_rms_step_scale_shrinks_steps_when_gradients_are_noise():
     ratio = final_rms("adam_rms", noise) / fixed_noise
     assert 0.1 < ratio < 0.45  # the noise floor's sqrt((1 - β)/(1 + β)), per-tensor estimate
     assert final_rms("adam_rms", constant_grads) == pytest.approx(fixed_signal, rel=1e-6)
+    # Measured on the slow momentum (β = 0.99) the shrinkage in noise is stronger.
+    lopt, meta = make(step_scale="adam_rms", step_scale_momentum=2)
+    slow = float(run(lopt.rule(meta), params, noise)[-1]["w"].pow(2).mean().sqrt()) / fixed_noise
+    assert slow < ratio
 
 
 def test_weight_decay_is_decoupled_at_each_tensors_step_size():
@@ -265,6 +269,7 @@ def test_drop_in_optimizer_trains_a_module(tmp_path):
         ({"lr_init": 0.0}, "lr_init"),
         ({"step_scale": "adaptive"}, "step_scale"),
         ({"weight_decay": -0.1}, "weight_decay"),
+        ({"step_scale_momentum": 3}, "step_scale_momentum"),
     ],
 )
 def test_bad_configurations_are_refused_with_the_key(config, match):

@@ -104,6 +104,9 @@ class OrthoMLPLOpt(LOpt):
         vector_keys: names of tensors of 2 or more dims to update as vectors (e.g. embeddings).
         step_scale: ``"constant"`` (the normalised step's size is the learned step size) or
             ``"adam_rms"`` (times ``min(1, rms(base))`` per tensor, see the module docstring).
+        step_scale_momentum: index into ``momentum_decays`` of the momentum ``adam_rms`` measures
+            (default: ``base_momentum``); a slower one shrinks the steps more in noise
+            (``sqrt((1 - β)/(1 + β))``: 0.07 for β = 0.99).
         weight_decay: ``λ`` of a decoupled weight decay ``-step_size·λ·p`` on the learned
             tensors (matrices and learned vectors), at each tensor's own step size.
     """
@@ -128,6 +131,7 @@ class OrthoMLPLOpt(LOpt):
         vector_keys: Sequence[str] = (),
         step_scale: str = "constant",
         weight_decay: float = 0.0,
+        step_scale_momentum: int | None = None,
     ) -> None:
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if any(h < 1 for h in self.hidden_sizes):
@@ -176,6 +180,18 @@ class OrthoMLPLOpt(LOpt):
         self.step_scale = step_scale
         check_hyperparameter("weight_decay", weight_decay)
         self.weight_decay = float(weight_decay)
+        # Kept as given (None: the base momentum) so that config() can leave it out by default.
+        self._step_scale_momentum = step_scale_momentum
+        if step_scale_momentum is None:
+            step_scale_momentum = base_momentum
+        if not (
+            isinstance(step_scale_momentum, int) and 0 <= step_scale_momentum < len(momentum_decays)
+        ):
+            raise ValueError(
+                "step_scale_momentum must index momentum_decays "
+                f"(0..{len(momentum_decays) - 1}), got {step_scale_momentum!r}"
+            )
+        self.step_scale_momentum = step_scale_momentum
 
     @property
     def num_features(self) -> int:
@@ -204,6 +220,12 @@ class OrthoMLPLOpt(LOpt):
             "vector_keys": list(self.vector_keys),
             "step_scale": self.step_scale,
             "weight_decay": self.weight_decay,
+            # Only when set: a config without it keeps the identity it had before the option.
+            **(
+                {"step_scale_momentum": self._step_scale_momentum}
+                if self._step_scale_momentum is not None
+                else {}
+            ),
         }
 
     def init_meta(self, generator: torch.Generator) -> Params:
@@ -319,12 +341,13 @@ class OrthoMLPRule(LearnedRule):
         return (base + direction) * torch.exp(self.lopt.exp_mult * log_magnitude)
 
     def _adam_rms(self, inputs: Tensor, step: Step, constants: dict[str, Any]) -> Tensor:
-        """``min(1, rms(m̂ / sqrt(v̂)))`` of the base momentum, bias-corrected as Adam's (so
-        that it measures the gradients' agreement from the first step on)."""
+        """``min(1, rms(m̂ / sqrt(v̂)))`` of the ``step_scale_momentum`` momentum, bias-corrected
+        as Adam's (so that it measures the gradients' agreement from the first step on)."""
+        k = self.lopt.step_scale_momentum
         count = (step + 1) if not isinstance(step, Tensor) else (step + 1).to(inputs.dtype)
-        beta_m = constants["beta_m"][self.lopt.base_momentum]
+        beta_m = constants["beta_m"][k]
         correction = torch.sqrt(1 - constants["beta_v"] ** count) / (1 - beta_m**count)
-        return (_rms(inputs[:, self.lopt.base_momentum]) * correction).clamp(max=1.0)
+        return (_rms(inputs[:, k]) * correction).clamp(max=1.0)
 
     def _matrix_direction(self, u: Tensor, shape: torch.Size) -> Tensor:
         rows, cols = shape[0], math.prod(shape[1:])
