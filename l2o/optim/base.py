@@ -91,6 +91,24 @@ class FunctionalLoss:
         return vjp(vector)[0]
 
 
+def required_loss_fn(
+    rule: str,
+    loss_fn: LossFn | Callable[[Params], Tensor] | None,
+    *,
+    needs: str = "the loss",
+    closure: str = "",
+) -> LossFn:
+    """``as_loss_fn(loss_fn)`` for a rule that evaluates the loss elsewhere, or a ``ValueError``
+    saying that ``rule`` needs ``needs`` and how to pass it (``closure``: what the
+    ``torch.optim`` class's closure must do, appended to the message)."""
+    if loss_fn is None:
+        raise ValueError(
+            f"{rule} needs {needs}: pass loss_fn=... to update() (for the torch.optim class, "
+            f"call step(closure){closure})"
+        )
+    return as_loss_fn(loss_fn)
+
+
 def as_loss_fn(loss_fn: LossFn | Callable[[Params], Tensor]) -> LossFn:
     """``loss_fn`` itself if it is a :class:`LossFn`, else a :class:`FunctionalLoss` of it."""
     if isinstance(loss_fn, LossFn):

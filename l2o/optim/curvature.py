@@ -31,10 +31,10 @@ from l2o.optim.base import (
     State,
     Step,
     UpdateRule,
-    as_loss_fn,
     check_hyperparameter,
     hessian_vector_product,
     lr_at,
+    required_loss_fn,
     zeros_like_params,
 )
 from l2o.optim.rules import (
@@ -86,13 +86,12 @@ def _estimate_due(step: Step, period: int) -> bool | Tensor:
 
 
 def _needs_loss(name: str, loss_fn: Any) -> LossFn:
-    if loss_fn is None:
-        raise ValueError(
-            f"{name} estimates the Hessian's diagonal from Hessian-vector products: pass "
-            "loss_fn=... to update() (for the torch.optim class, call step(closure), with "
-            "loss.backward(create_graph=True) in the closure for exact products)"
-        )
-    return as_loss_fn(loss_fn)
+    return required_loss_fn(
+        name,
+        loss_fn,
+        needs="Hessian-vector products of the loss for its diagonal-Hessian estimate",
+        closure=", with loss.backward(create_graph=True) in the closure for exact products",
+    )
 
 
 # ---------------------------------------------------------------------- AdaHessian

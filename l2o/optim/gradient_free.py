@@ -23,8 +23,8 @@ from l2o.optim.base import (
     State,
     Step,
     UpdateRule,
-    as_loss_fn,
     check_hyperparameter,
+    required_loss_fn,
 )
 from l2o.optim.rules import Adam
 from l2o.optim.wrappers import _Wrapper, _WrapperOptimizer
@@ -39,12 +39,12 @@ SUCCESS_FACTOR = math.exp(1.0 / 3.0)
 
 
 def _needs(name: str, loss_fn: Any) -> LossFn:
-    if loss_fn is None:
-        raise ValueError(
-            f"{name} evaluates the loss at sampled points: pass loss_fn=... to update() (for "
-            "the torch.optim class, call step(closure) with a closure that returns the loss)"
-        )
-    return as_loss_fn(loss_fn)
+    return required_loss_fn(
+        name,
+        loss_fn,
+        needs="the loss at sampled points",
+        closure=" with a closure that returns the loss",
+    )
 
 
 def _perturbed(params: Params, noise: Params, scale: float | Tensor) -> Params:

@@ -41,9 +41,9 @@ from l2o.optim.base import (
     State,
     Step,
     UpdateRule,
-    as_loss_fn,
     check_hyperparameter,
     lr_at,
+    required_loss_fn,
 )
 from l2o.validation import positive_int
 
@@ -155,11 +155,7 @@ def start(
 ) -> tuple[Tensor, Tensor, float, Callable[[Params], tuple[float, Tensor]]]:
     """Check the inputs of a line-search method's ``update`` and return the flat parameters,
     flat gradient, loss at ``params`` and an evaluator ``x -> (loss, flat gradient)``."""
-    if loss_fn is None:
-        raise ValueError(
-            f"{method} needs the loss: pass loss_fn=... to update() "
-            "(for the torch.optim class, call step(closure))"
-        )
+    loss_fn = required_loss_fn(method, loss_fn)
     x0 = flatten(params, "params", method)
     g = flatten(grads, "grads", method, like=params)
     if g.shape != x0.shape:
@@ -328,9 +324,7 @@ class LineSearchRule(UpdateRule):
     ) -> tuple[Params, State]:
         """Up to ``max_iter`` iterations from ``params`` (``grads`` are at ``params``)."""
         lr = float(lr_at(self.lr, step))
-        x0, g, loss, evaluate = start(
-            self.METHOD, grads, params, state, None if loss_fn is None else as_loss_fn(loss_fn)
-        )
+        x0, g, loss, evaluate = start(self.METHOD, grads, params, state, loss_fn)
         directions = self._directions(state, x0, lr)
         budget = Budget(
             self.max_iter,

@@ -49,10 +49,10 @@ from l2o.optim.base import (
     State,
     Step,
     UpdateRule,
-    as_loss_fn,
     check_hyperparameter,
     hessian_vector_product,
     lr_at,
+    required_loss_fn,
 )
 from l2o.optim.line_search import OneGroupOptimizer, flatten, initial_loss, unflatten
 from l2o.validation import positive_int
@@ -121,17 +121,16 @@ class _DampedRule(UpdateRule):
             "rejected": torch.zeros((), dtype=torch.int64, device=flat.device),
         }
 
-    def _checked(self, grads: Params, params: Params, loss_fn: Any) -> tuple[Tensor, Tensor]:
-        if loss_fn is None:
-            raise ValueError(
-                f"{self.METHOD} needs the loss: pass loss_fn=... to update() "
-                "(for the torch.optim class, call step(closure))"
-            )
+    def _checked(
+        self, grads: Params, params: Params, loss_fn: Any
+    ) -> tuple[Tensor, Tensor, LossFn]:
+        """The flat parameters and gradient, and the loss function (required)."""
+        loss_fn = required_loss_fn(self.METHOD, loss_fn)
         x = flatten(params, "params", self.METHOD)
         g = flatten(grads, "grads", self.METHOD, like=params)
         if not torch.isfinite(g).all():
             raise ValueError(f"{self.METHOD} got a non-finite gradient at the current parameters")
-        return x, g
+        return x, g, loss_fn
 
     def _finish(
         self,
@@ -223,8 +222,7 @@ class Newton(_DampedRule):
         step: Step,
         loss_fn: LossFn | None = None,
     ) -> tuple[Params, State]:
-        x, g = self._checked(grads, params, loss_fn)
-        loss_fn = as_loss_fn(loss_fn)
+        x, g, loss_fn = self._checked(grads, params, loss_fn)
         loss = initial_loss(loss_fn, params)
         damping = float(state["damping"])
         if self.solver == "dense":
@@ -379,7 +377,7 @@ class LevenbergMarquardt(_DampedRule):
         step: Step,
         loss_fn: LossFn | None = None,
     ) -> tuple[Params, State]:
-        x, _ = self._checked(grads, params, loss_fn)
+        x, _, loss_fn = self._checked(grads, params, loss_fn)
         if not hasattr(loss_fn, "residuals_and_jacobian"):
             raise TypeError(
                 "LevenbergMarquardt needs the residuals, not only the loss: pass "

@@ -32,9 +32,9 @@ from l2o.optim.base import (
     State,
     Step,
     UpdateRule,
-    as_loss_fn,
     check_hyperparameter,
     global_norm,
+    required_loss_fn,
 )
 from l2o.optim.rules import SGD, Adam
 from l2o.validation import positive_int
@@ -61,13 +61,15 @@ def _where(condition: bool | Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _needs(name: str, loss_fn: Any) -> LossFn:
-    if loss_fn is None:
-        raise ValueError(
-            f"{name} evaluates gradients at other points: pass loss_fn=... to update() (for "
-            "the torch.optim class, call step(closure) with a closure that zeroes the "
-            "gradients, computes the loss, calls backward() and returns the loss)"
-        )
-    return as_loss_fn(loss_fn)
+    return required_loss_fn(
+        name,
+        loss_fn,
+        needs="gradients at other points",
+        closure=(
+            " with a closure that zeroes the gradients, computes the loss, calls backward() "
+            "and returns the loss"
+        ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
