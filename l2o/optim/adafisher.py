@@ -45,12 +45,11 @@ from l2o.optim.base import (
     Params,
     State,
     Step,
-    UpdateRule,
     check_hyperparameter,
     lr_at,
     zeros_like_params,
 )
-from l2o.optim.rules import _bias_correction, _ema, _float_step, _is_zero
+from l2o.optim.rules import _bias_correction, _ema, _float_step, _is_zero, _Rule
 from l2o.validation import positive_int
 
 __all__ = ["AdaFisher", "AdaFisherOptimizer", "ModuleLoss", "layers_of"]
@@ -104,7 +103,7 @@ def output_statistic(layer: nn.Module, s: Tensor) -> Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaFisher(UpdateRule):
+class AdaFisher(_Rule):
     """AdaFisher (module docstring). ``layers``: the ``(weight, bias)`` keys of the parameters
     that form linear / conv layers (:func:`layers_of`, or :meth:`for_module`); structure,
     fixed for the optimizer's lifetime."""
@@ -125,8 +124,8 @@ class AdaFisher(UpdateRule):
     )
 
     def __post_init__(self) -> None:
-        for name in ("lr", "damping", "weight_decay"):
-            check_hyperparameter(name, getattr(self, name))
+        super().__post_init__()  # lr, weight_decay
+        check_hyperparameter("damping", self.damping)
         check_hyperparameter("beta", self.beta, high=1.0, high_inclusive=False)
         gammas = tuple(self.gammas)
         if len(gammas) != 2:

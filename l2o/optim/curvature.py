@@ -30,7 +30,6 @@ from l2o.optim.base import (
     Params,
     State,
     Step,
-    UpdateRule,
     check_hyperparameter,
     hessian_vector_product,
     lr_at,
@@ -39,11 +38,12 @@ from l2o.optim.base import (
 )
 from l2o.optim.rules import (
     _bias_correction,
-    _checked_betas,
     _ema,
     _float_step,
     _is_zero,
+    _Rule,
     _select_first_update,
+    _where,
 )
 from l2o.validation import positive_int
 
@@ -76,9 +76,7 @@ def hutchinson_diagonal(loss_fn: LossFn, params: Params, samples: int = 1) -> Pa
 
 def _select(condition: bool | Tensor, a: Params, b: Params) -> Params:
     # Which of two trees, for a Python condition or (under vmap) a tensor one.
-    if isinstance(condition, Tensor):
-        return {k: torch.where(condition, a[k], b[k]) for k in a}
-    return a if condition else b
+    return {k: _where(condition, a[k], b[k]) for k in a}
 
 
 def _estimate_due(step: Step, period: int) -> bool | Tensor:
@@ -98,7 +96,7 @@ def _needs_loss(name: str, loss_fn: Any) -> LossFn:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaHessian(UpdateRule):
+class AdaHessian(_Rule):
     """AdaHessian: Adam with the squared gradient replaced by the squared Hutchinson estimate
     ``D = z ⊙ H z`` of the Hessian's diagonal, and a Hessian power ``k``::
 
@@ -128,9 +126,7 @@ class AdaHessian(UpdateRule):
     PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"exp_avg", "exp_hessian_diag_sq"})
 
     def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay"):
-            check_hyperparameter(name, getattr(self, name))
-        object.__setattr__(self, "betas", _checked_betas(self.betas))
+        super().__post_init__()  # lr, eps, weight_decay, betas
         check_hyperparameter("hessian_power", self.hessian_power, low=0.0, high=1.0)
         positive_int("update_period", self.update_period)
         positive_int("hessian_samples", self.hessian_samples)
@@ -224,7 +220,7 @@ class GNBLoss:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sophia(UpdateRule):
+class Sophia(_Rule):
     """Sophia: momentum preconditioned by a diagonal-Hessian EMA re-estimated every ``k``
     updates, and clipped coordinate-wise::
 
@@ -254,10 +250,9 @@ class Sophia(UpdateRule):
     PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"exp_avg", "hessian"})
 
     def __post_init__(self) -> None:
-        for name in ("lr", "rho", "weight_decay"):
-            check_hyperparameter(name, getattr(self, name))
+        super().__post_init__()  # lr, eps, weight_decay, betas
+        check_hyperparameter("rho", self.rho)
         check_hyperparameter("eps", self.eps, low=0.0, low_inclusive=False)
-        object.__setattr__(self, "betas", _checked_betas(self.betas))
         positive_int("update_period", self.update_period)
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
@@ -310,7 +305,7 @@ class Sophia(UpdateRule):
 
 
 @dataclasses.dataclass(frozen=True)
-class INNA(UpdateRule):
+class INNA(_Rule):
     """INNA (INDIAN), the inertial Newton algorithm: a forward-Euler discretisation of the
     Hessian-damped dynamics ``θ'' + α θ' + β ∇²f θ' + ∇f = 0`` that needs only gradients,
     through an auxiliary variable ``ψ``::
@@ -336,7 +331,8 @@ class INNA(UpdateRule):
     PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"psi"})
 
     def __post_init__(self) -> None:
-        for name in ("lr", "alpha", "initial_speed", "weight_decay"):
+        super().__post_init__()  # lr, weight_decay
+        for name in ("alpha", "initial_speed"):
             check_hyperparameter(name, getattr(self, name))
         check_hyperparameter("beta", self.beta, low=0.0, low_inclusive=False)
 

@@ -26,7 +26,7 @@ from l2o.optim.base import (
     check_hyperparameter,
     required_loss_fn,
 )
-from l2o.optim.rules import Adam
+from l2o.optim.rules import Adam, _check_flag
 from l2o.optim.wrappers import _Wrapper, _WrapperOptimizer
 from l2o.validation import positive_int
 
@@ -73,8 +73,7 @@ class RandomSearch(UpdateRule):
     def __post_init__(self) -> None:
         check_hyperparameter("sigma", self.sigma, low=0.0, low_inclusive=False)
         positive_int("samples", self.samples)
-        if not isinstance(self.adapt_sigma, bool):
-            raise ValueError(f"adapt_sigma must be True or False, got {self.adapt_sigma!r}")
+        _check_flag("adapt_sigma", self.adapt_sigma)
 
     def init(self, params: Params) -> State:
         reference = next(iter(params.values()))

@@ -55,6 +55,7 @@ from l2o.optim.base import (
     required_loss_fn,
 )
 from l2o.optim.line_search import OneGroupOptimizer, flatten, initial_loss, unflatten
+from l2o.optim.rules import _check_flag
 from l2o.validation import positive_int
 
 __all__ = [
@@ -110,8 +111,7 @@ class _DampedRule(UpdateRule):
         check_hyperparameter("damping_decrease", self.damping_decrease, high=1.0)
         check_hyperparameter("min_damping", self.min_damping)
         positive_int("max_size", self.max_size)
-        if not isinstance(self.adapt_damping, bool):
-            raise ValueError(f"adapt_damping must be True or False, got {self.adapt_damping!r}")
+        _check_flag("adapt_damping", self.adapt_damping)
 
     def init(self, params: Params) -> State:
         flat = flatten(params, "params", self.METHOD)

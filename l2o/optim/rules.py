@@ -62,12 +62,17 @@ def _float_step(step: Step) -> Step:
     return step.to(torch.float32 if step.device.type == "mps" else torch.float64)
 
 
+def _where(condition: bool | Tensor, a: Tensor, b: Tensor) -> Tensor:
+    # A Python condition picks directly; a tensor one (from a tensor step: a vmapped population
+    # of tasks at different steps) selects elementwise with torch.where.
+    if isinstance(condition, Tensor):
+        return torch.where(condition, a, b)
+    return a if condition else b
+
+
 def _select_first_update(step: Step, first: Tensor, later: Tensor) -> Tensor:
-    # ``first`` where step == 0, else ``later``; a tensor step selects with torch.where so that
-    # a vmapped population of tasks at different steps works.
-    if isinstance(step, Tensor):
-        return torch.where(step == 0, first, later)
-    return first if step == 0 else later
+    # ``first`` where step == 0, else ``later``.
+    return _where(step == 0, first, later)
 
 
 def _bias_correction(beta: float | Tensor, count: Step) -> float | Tensor:

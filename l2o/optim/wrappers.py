@@ -36,7 +36,7 @@ from l2o.optim.base import (
     global_norm,
     required_loss_fn,
 )
-from l2o.optim.rules import SGD, Adam
+from l2o.optim.rules import SGD, Adam, _check_flag, _where
 from l2o.validation import positive_int
 
 __all__ = [
@@ -51,13 +51,6 @@ __all__ = [
 
 def _momentum_sgd() -> UpdateRule:
     return SGD(lr=1e-2, momentum=0.9)
-
-
-def _where(condition: bool | Tensor, a: Tensor, b: Tensor) -> Tensor:
-    # A Python condition picks directly; a tensor one (a vmapped step) selects elementwise.
-    if isinstance(condition, Tensor):
-        return torch.where(condition, a, b)
-    return a if condition else b
 
 
 def _needs(name: str, loss_fn: Any) -> LossFn:
@@ -195,8 +188,7 @@ class SAM(_Wrapper):
         super().__post_init__()
         check_hyperparameter("rho", self.rho)
         check_hyperparameter("eps", self.eps)
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"adaptive must be True or False, got {self.adaptive!r}")
+        _check_flag("adaptive", self.adaptive)
 
     def update(
         self,
