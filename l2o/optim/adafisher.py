@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from l2o.optim import registry
-from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import (
     LearningRate,
     LossFn,
@@ -49,6 +48,7 @@ from l2o.optim.base import (
     lr_at,
     zeros_like_params,
 )
+from l2o.optim.line_search import OneGroupOptimizer
 from l2o.optim.rules import _bias_correction, _ema, _float_step, _is_zero, _Rule
 from l2o.validation import positive_int
 
@@ -310,7 +310,7 @@ class ModuleLoss:
 # ---------------------------------------------------------------------- torch.optim class
 
 
-class AdaFisherOptimizer(RuleOptimizer):
+class AdaFisherOptimizer(OneGroupOptimizer):
     """:class:`AdaFisher` for a model, as the authors' class: ``AdaFisherOptimizer(model,
     lr=...)``, then the ordinary loop (``loss.backward(); optimizer.step()``, no closure).
 
@@ -363,11 +363,6 @@ class AdaFisherOptimizer(RuleOptimizer):
             if isinstance(layer, SUPPORTED) and _Recorder.weight_key(name) in index:
                 key = index[_Recorder.weight_key(name)]
                 self._hooks.append(layer.register_forward_hook(self._forward_hook(key)))
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self.param_groups:
-            raise ValueError("AdaFisherOptimizer supports a single parameter group")
-        super().add_param_group(param_group)
 
     def _due(self) -> bool:
         anchor = self.state.get(self.param_groups[0]["params"][0], {})

@@ -263,13 +263,18 @@ class ClosureLoss:
         self.known_loss = loss
         self.evaluations = 0
 
-    def __call__(self, values: Params) -> Tensor:
+    def load(self, values: Params) -> None:
+        """Write ``values`` into the live parameters, as an evaluation there (the optimizer
+        puts its own parameters back after a rule that evaluated anything)."""
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(values[k])
+        self.evaluations += 1
+
+    def __call__(self, values: Params) -> Tensor:
+        self.load(values)
         with torch.enable_grad():
             loss = self.closure()
-        self.evaluations += 1
         return scalar_loss(loss, "the closure")
 
     def value_and_grad(self, values: Params) -> tuple[Tensor, Params]:

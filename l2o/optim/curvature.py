@@ -446,10 +446,7 @@ class _ClosureGNB(ClosureLoss):
         self.logits_closure = logits_closure
 
     def gnb_diagonal(self, values: Params) -> Params:
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(values[k])
-        self.evaluations += 1
+        self.load(values)
         live = list(self.params.values())
         with torch.enable_grad():
             logits = self.logits_closure()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
@@ -261,8 +262,9 @@ def quasi_newton_first_step(n_iter: int, g: Tensor, lr: float) -> float:
 
 
 class OneGroupOptimizer(RuleOptimizer):
-    """A :class:`~l2o.optim.adapter.RuleOptimizer` for rules over one flat vector of all
-    parameters (the curvature information couples them): one param group only."""
+    """A :class:`~l2o.optim.adapter.RuleOptimizer` for rules whose state couples all the
+    parameters (one flat vector of curvature information, AdaFisher's map of layers): one param
+    group only."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:
@@ -348,11 +350,13 @@ class LineSearchRule(UpdateRule):
         new_state = {**directions.to_state(x0), **progress.to_state(x0)}
         return {k: x[k] - params[k] for k in params}, new_state
 
+    @abstractmethod
     def _init_memory(self, flat: Tensor) -> State:
-        raise NotImplementedError
+        """The method's memory in a fresh state (``H``, curvature-pair buffers, counters)."""
 
+    @abstractmethod
     def _directions(self, state: State, flat: Tensor, lr: float) -> Directions:
-        raise NotImplementedError
+        """The method's :class:`Directions`, holding its memory from ``state``."""
 
 
 # ---------------------------------------------------------------------- the strong-Wolfe search

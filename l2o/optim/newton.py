@@ -520,10 +520,7 @@ class _ClosureResiduals(ClosureLoss):
         self.residual_closure = residual_closure
 
     def residuals_and_jacobian(self, values: Params) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(values[k])
-        self.evaluations += 1
+        self.load(values)
         params = list(self.params.values())
         with torch.enable_grad():
             r = _residual_vector(self.residual_closure())
