@@ -30,7 +30,7 @@ smoothing and the defaults).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -60,14 +60,24 @@ Layer = tuple[str, str | None]  # (weight key, bias key or None)
 MINMAX_EPS = 1e-12
 
 
-def layers_of(module: nn.Module, prefix: str = "") -> tuple[Layer, ...]:
+def _supported_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """``module``'s linear and 2-D conv layers by name (``""`` for the module itself)."""
+    return {name: sub for name, sub in module.named_modules() if isinstance(sub, SUPPORTED)}
+
+
+def _parameter_name(layer: str, what: str) -> str:
+    return f"{layer}.{what}" if layer else what
+
+
+def layers_of(module: nn.Module) -> tuple[Layer, ...]:
     """The ``(weight, bias)`` parameter names of ``module``'s linear and 2-D conv layers."""
-    found = []
-    for name, sub in module.named_modules(prefix=prefix.rstrip(".")):
-        if isinstance(sub, SUPPORTED):
-            stem = f"{name}." if name else ""
-            found.append((f"{stem}weight", f"{stem}bias" if sub.bias is not None else None))
-    return tuple(found)
+    return tuple(
+        (
+            _parameter_name(name, "weight"),
+            _parameter_name(name, "bias") if sub.bias is not None else None,
+        )
+        for name, sub in _supported_layers(module).items()
+    )
 
 
 def _minmax(t: Tensor) -> Tensor:
@@ -224,17 +234,12 @@ class AdaFisher(_Rule):
 
 
 class _Recorder:
-    """Forward hooks on a module's supported layers: record each layer's input and, when
-    ``probes`` are given, add a probe to its output (so that the gradient with respect to the
-    probe is the gradient with respect to the output)."""
+    """Forward hooks on a module's supported layers: without ``probes``, record each layer's
+    input and output shape; with them, add a probe to each output (so that the gradient with
+    respect to the probe is the gradient with respect to the output)."""
 
-    def __init__(self, module: nn.Module, layers: Iterable[Layer]) -> None:
-        by_weight = {w: b for w, b in layers}
-        self.layers = {
-            name: sub
-            for name, sub in module.named_modules()
-            if isinstance(sub, SUPPORTED) and (f"{name}." if name else "") + "weight" in by_weight
-        }
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = _supported_layers(module)
         self.inputs: dict[str, Tensor] = {}
         self.output_shapes: dict[str, torch.Size] = {}
         self.probes: Mapping[str, Tensor] | None = None
@@ -250,17 +255,13 @@ class _Recorder:
 
     def _hook(self, name: str) -> Callable[..., Any]:
         def hook(layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            self.inputs[name] = args[0]
-            self.output_shapes[name] = output.shape
             if self.probes is not None:
                 return output + self.probes[name]
+            self.inputs[name] = args[0]
+            self.output_shapes[name] = output.shape
             return None
 
         return hook
-
-    @staticmethod
-    def weight_key(name: str) -> str:
-        return f"{name}.weight" if name else "weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +285,7 @@ class ModuleLoss:
         return loss, grads
 
     def kronecker_factors(self, params: Params) -> dict[str, tuple[Tensor, Tensor]]:
-        recorder = _Recorder(self.module, layers_of(self.module))
+        recorder = _Recorder(self.module)
         with recorder.hooked(), torch.no_grad():
             self.fn({k: p.detach() for k, p in params.items()})
         shapes = dict(recorder.output_shapes)
@@ -299,7 +300,7 @@ class ModuleLoss:
             output_grads = torch.func.grad(probed)(zeros)
         recorder.probes = None
         return {
-            recorder.weight_key(name): (
+            _parameter_name(name, "weight"): (
                 input_statistic(layer, recorder.inputs[name].detach()),
                 output_statistic(layer, output_grads[name]),
             )
@@ -359,10 +360,10 @@ class AdaFisherOptimizer(OneGroupOptimizer):
         super().__init__(params, rule)
         self._statistics: dict[str, tuple[Tensor, Tensor]] = {}
         self._hooks = []
-        for name, layer in model.named_modules():
-            if isinstance(layer, SUPPORTED) and _Recorder.weight_key(name) in index:
-                key = index[_Recorder.weight_key(name)]
-                self._hooks.append(layer.register_forward_hook(self._forward_hook(key)))
+        for name, layer in _supported_layers(model).items():
+            weight = _parameter_name(name, "weight")
+            if weight in index:
+                self._hooks.append(layer.register_forward_hook(self._forward_hook(index[weight])))
 
     def _due(self) -> bool:
         anchor = self.state.get(self.param_groups[0]["params"][0], {})
