@@ -311,17 +311,27 @@ class OrthoMLPRule(LearnedRule):
 
     def _constants(self, step: Step, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         """What every tensor of one dtype shares in an update: the decays, the step embedding
-        (None without timescales) and the meta-parameters in that dtype. Built once per dtype,
-        not once per tensor (each build is a host-to-device copy on GPU)."""
+        (None without timescales), ``adam_rms``'s bias correction (None without it) and the
+        meta-parameters in that dtype. Built once per dtype, not once per tensor (each build is
+        a host-to-device copy on GPU)."""
         embedding = None
         if self.lopt.step_timescales:
             embedding = tanh_step_embedding(
                 step, self.lopt.step_timescales, dtype=dtype, device=device
             )
+        beta_m = torch.tensor(self.lopt.momentum_decays, dtype=dtype, device=device)
+        beta_v = torch.tensor(self.lopt.rms_decay, dtype=dtype, device=device)
+        correction = None
+        if self.lopt.step_scale == "adam_rms":
+            # sqrt(1 - β_v^t) / (1 - β^t) turns m / sqrt(v) into Adam's m̂ / sqrt(v̂).
+            count = (step + 1) if not isinstance(step, Tensor) else (step + 1).to(dtype)
+            beta = beta_m[self.lopt.step_scale_momentum]
+            correction = torch.sqrt(1 - beta_v**count) / (1 - beta**count)
         return {
-            "beta_m": torch.tensor(self.lopt.momentum_decays, dtype=dtype, device=device),
-            "beta_v": torch.tensor(self.lopt.rms_decay, dtype=dtype, device=device),
+            "beta_m": beta_m,
+            "beta_v": beta_v,
             "embedding": embedding,
+            "rms_correction": correction,
             "meta": {k: v.to(device, dtype) for k, v in self.meta_params.items()},
         }
 
@@ -340,14 +350,11 @@ class OrthoMLPRule(LearnedRule):
         base = inputs[:, self.lopt.base_momentum]
         return (base + direction) * torch.exp(self.lopt.exp_mult * log_magnitude)
 
-    def _adam_rms(self, inputs: Tensor, step: Step, constants: dict[str, Any]) -> Tensor:
+    def _adam_rms(self, inputs: Tensor, constants: dict[str, Any]) -> Tensor:
         """``min(1, rms(m̂ / sqrt(v̂)))`` of the ``step_scale_momentum`` momentum, bias-corrected
         as Adam's (so that it measures the gradients' agreement from the first step on)."""
-        k = self.lopt.step_scale_momentum
-        count = (step + 1) if not isinstance(step, Tensor) else (step + 1).to(inputs.dtype)
-        beta_m = constants["beta_m"][k]
-        correction = torch.sqrt(1 - constants["beta_v"] ** count) / (1 - beta_m**count)
-        return (_rms(inputs[:, k]) * correction).clamp(max=1.0)
+        rms = _rms(inputs[:, self.lopt.step_scale_momentum])
+        return (rms * constants["rms_correction"]).clamp(max=1.0)
 
     def _matrix_direction(self, u: Tensor, shape: torch.Size) -> Tensor:
         rows, cols = shape[0], math.prod(shape[1:])
@@ -393,7 +400,7 @@ class OrthoMLPRule(LearnedRule):
             kind = "matrix" if matrix else "vector"
             step_size = torch.exp(self.meta_params[f"log_lr_{kind}"]).to(u)
             if self.lopt.step_scale == "adam_rms":
-                step_size = step_size * self._adam_rms(inputs, step, constants)
+                step_size = step_size * self._adam_rms(inputs, constants)
             direction = self._matrix_direction(u, p.shape) if matrix else u / _rms(u)
             # Decoupled weight decay at the step's own size (as Muon and AdamW scale it by lr).
             delta = step_size * (direction + self.lopt.weight_decay * p.to(dtype))
