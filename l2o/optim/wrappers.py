@@ -499,16 +499,12 @@ class WeightAveragingOptimizer(_WrapperOptimizer):
             self.swap_parameters()
 
 
-def _register(name: str, rule_cls: type[_Wrapper], cls: type[RuleOptimizer], **defaults: Any):
-    registry.register(name, rule_cls, cls, **defaults)
-
-
-_register("lookahead", Lookahead, LookaheadOptimizer)
-_register("sam", SAM, SAMOptimizer)
-_register("asam", SAM, SAMOptimizer, adaptive=True, rho=0.5)
-_register("entropy_sgd", EntropySGD, EntropySGDOptimizer)
-_register("lpf_sgd", PerturbedGradient, PerturbedGradientOptimizer)
-_register(
+registry.register("lookahead", Lookahead, LookaheadOptimizer)
+registry.register("sam", SAM, SAMOptimizer)
+registry.register("asam", SAM, SAMOptimizer, adaptive=True, rho=0.5)
+registry.register("entropy_sgd", EntropySGD, EntropySGDOptimizer)
+registry.register("lpf_sgd", PerturbedGradient, PerturbedGradientOptimizer)
+registry.register(
     "smoothout",
     PerturbedGradient,
     PerturbedGradientOptimizer,
@@ -516,5 +512,5 @@ _register(
     scale="absolute",
     sigma=1e-2,
 )
-_register("swa", WeightAveraging, WeightAveragingOptimizer)
-_register("ema", WeightAveraging, WeightAveragingOptimizer, mode="ema")
+registry.register("swa", WeightAveraging, WeightAveragingOptimizer)
+registry.register("ema", WeightAveraging, WeightAveragingOptimizer, mode="ema")
