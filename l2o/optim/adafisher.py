@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from l2o.optim import registry
 from l2o.optim.base import (
+    DifferentiableLoss,
     LearningRate,
     LossFn,
     Params,
@@ -265,7 +266,7 @@ class _Recorder:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModuleLoss:
+class ModuleLoss(DifferentiableLoss):
     """``fn(params)`` (a loss computed with ``torch.func.functional_call(module, params, ...)``)
     as a loss function that also gives AdaFisher's Kronecker-factor diagonals.
 
@@ -279,10 +280,6 @@ class ModuleLoss:
 
     def __call__(self, params: Params) -> Tensor:
         return self.fn(params)
-
-    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
-        grads, loss = torch.func.grad_and_value(self.fn)(params)
-        return loss, grads
 
     def kronecker_factors(self, params: Params) -> dict[str, tuple[Tensor, Tensor]]:
         recorder = _Recorder(self.module)

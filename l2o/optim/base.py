@@ -68,8 +68,18 @@ class LossFn(Protocol):
     def value_and_grad(self, params: Params) -> tuple[Tensor, Params]: ...
 
 
+class DifferentiableLoss:
+    """A loss function that is a pure function of the parameters (``__call__``), so that
+    ``torch.func`` gives its gradient: the ``value_and_grad`` of :class:`FunctionalLoss` and of
+    the loss functions that also give more (residuals, layer statistics, resampled labels)."""
+
+    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
+        grads, loss = torch.func.grad_and_value(self)(params)
+        return loss, grads
+
+
 @dataclasses.dataclass(frozen=True)
-class FunctionalLoss:
+class FunctionalLoss(DifferentiableLoss):
     """A :class:`LossFn` from a pure function ``fn(params) -> loss``."""
 
     fn: Callable[[Params], Tensor]
@@ -77,10 +87,6 @@ class FunctionalLoss:
 
     def __call__(self, params: Params) -> Tensor:
         return self.fn(params)
-
-    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
-        grads, loss = torch.func.grad_and_value(self.fn)(params)
-        return loss, grads
 
     def hvp(self, params: Params, vector: Params) -> Params:
         """The Hessian-vector product ``∇²f(params) · vector``, exactly, as the vector-Jacobian

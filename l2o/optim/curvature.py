@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map
 from l2o.optim import registry
 from l2o.optim.adapter import ClosureLoss, RuleOptimizer
 from l2o.optim.base import (
+    DifferentiableLoss,
     LearningRate,
     LossFn,
     Params,
@@ -185,7 +186,7 @@ ESTIMATORS = ("hutchinson", "gnb")
 
 
 @dataclasses.dataclass(frozen=True)
-class GNBLoss:
+class GNBLoss(DifferentiableLoss):
     """A classification loss that also gives Sophia's Gauss–Newton–Bartlett estimate.
 
     ``logits_fn(params) -> [B, C]`` logits and integer ``targets`` ``[B]``; the loss is the mean
@@ -201,10 +202,6 @@ class GNBLoss:
 
     def __call__(self, params: Params) -> Tensor:
         return torch.nn.functional.cross_entropy(self.logits_fn(params), self.targets)
-
-    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
-        grads, loss = torch.func.grad_and_value(self)(params)
-        return loss, grads
 
     def gnb_diagonal(self, params: Params) -> Params:
         with torch.no_grad():

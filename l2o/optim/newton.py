@@ -42,6 +42,7 @@ from torch import Tensor
 from l2o.optim import registry
 from l2o.optim.adapter import ClosureLoss
 from l2o.optim.base import (
+    DifferentiableLoss,
     FunctionalLoss,
     LearningRate,
     LossFn,
@@ -314,7 +315,7 @@ def _damped_solve(
 
 
 @dataclasses.dataclass(frozen=True)
-class ResidualLoss:
+class ResidualLoss(DifferentiableLoss):
     """A least-squares loss ``½‖r(θ)‖²`` from ``residual_fn(params) -> r`` (any shape): a
     :class:`~l2o.optim.base.LossFn` that also gives the residuals and their Jacobian, what
     :class:`LevenbergMarquardt` needs. ``torch.func`` differentiates it, so it is pure."""
@@ -325,10 +326,6 @@ class ResidualLoss:
     def __call__(self, params: Params) -> Tensor:
         r = self.residual_fn(params).reshape(-1)
         return 0.5 * r.dot(r)
-
-    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
-        grads, loss = torch.func.grad_and_value(self)(params)
-        return loss, grads
 
     def residuals_and_jacobian(self, params: Params) -> tuple[Tensor, Tensor]:
         """``r`` flattened to ``[m]`` and ``J = ∂r/∂θ`` as ``[m, n]`` (flat key order)."""
