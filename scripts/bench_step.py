@@ -3,11 +3,14 @@
 Two measurements, on MLPs ``w -> w -> w -> 10`` sized to ``--params``:
 
 1. **The optimizer step alone** (gradients given, ``opt.step()``): torch AdamW
-   (``foreach=True`` on CPU, ``fused=True`` on CUDA), ``l2o.LearnedOptimizer`` (the fused,
-   blocked step) and the same optimizer on the reference path (every tensor's feature matrix
-   materialised, the oracle). Rounds are interleaved and the median taken, so a busy machine
-   slows every contender alike. Also: time per parameter, the learned MLP's arithmetic floor
-   (its multiply-adds per coordinate at this machine's measured matrix-multiply rate) and the
+   (``foreach=True`` on CPU, ``fused=True`` on CUDA), ``l2o.LearnedOptimizer`` with each of
+   ``--checkpoints`` (the fused, blocked step) and the same optimizer on the reference path
+   (every tensor's feature matrix materialised, the oracle), and Muon (``torch.optim.Muon`` on
+   the matrices with AdamW on the rest, and l2o's ``muon`` rule) because the orthogonalising
+   ``ortho_mlp`` runs the same Newton–Schulz iteration. Rounds are interleaved and the median
+   taken, so a busy machine slows every contender alike. Also: time per parameter, arithmetic
+   floors at this machine's measured matrix-multiply rate (a learned optimizer's per-coordinate
+   MLP multiply-adds; Newton–Schulz's matrix products, 5 iterations on every matrix) and the
    step's transient memory (peak above what was allocated before the step: CUDA's allocator
    statistics, or on CPU the resident memory of a child process sampled every 0.2 ms, with
    glibc told to return every allocation above 64 kB to the OS, which it otherwise keeps for
@@ -17,12 +20,14 @@ Two measurements, on MLPs ``w -> w -> w -> 10`` sized to ``--params``:
 
     python scripts/bench_step.py                      # CPU, and CUDA when present
     python scripts/bench_step.py --params 1e6 1e7 --devices cpu --threads 2
+    python scripts/bench_step.py --checkpoints ortho_mlp --params 1e6
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -37,11 +42,33 @@ import torch
 from torch import nn
 
 import l2o
+from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
 from l2o.optim import Adam as L2OAdam
 
-#: Learned-MLP multiply-adds per coordinate, fused path: 22 per-coordinate features -> 32 ->
-#: 32 -> 2 (the row and column statistics' share of the first layer is computed per row/column).
-FUSED_MACS_PER_COORDINATE = 22 * 32 + 32 * 32 + 32 * 2
+#: Learned-MLP multiply-adds per coordinate of the ``mlp`` optimizer's fused path: 22
+#: per-coordinate features -> 32 -> 32 -> 2 (the row and column statistics' share of the first
+#: layer is computed per row/column).
+MLP_FUSED_MACS_PER_COORDINATE = 22 * 32 + 32 * 32 + 32 * 2
+
+
+def macs_per_coordinate(lopt) -> int:
+    """Multiply-adds of the per-coordinate MLP of a shipped learned optimizer's fused path."""
+    if lopt.name == "mlp":
+        return MLP_FUSED_MACS_PER_COORDINATE
+    sizes = [lopt.num_features, *lopt.hidden_sizes, 2]  # ortho_mlp: step embedding in the bias
+    return sum(a * b for a, b in itertools.pairwise(sizes))
+
+
+def newton_schulz_flops(model: nn.Module, steps: int = 5) -> int:
+    """FLOPs of ``steps`` quintic Newton–Schulz iterations on every matrix of ``model``: per
+    iteration on ``X`` of ``[A, B]`` (``A <= B``), ``X Xᵀ`` (2A²B), ``G G`` (2A³), ``(·) X``
+    (2A²B)."""
+    total = 0
+    for p in model.parameters():
+        if p.ndim >= 2:
+            a, b = sorted((p.shape[0], math.prod(p.shape[1:])))
+            total += steps * (4 * a * a * b + 2 * a**3)
+    return total
 
 
 def _sync(device: torch.device) -> None:
@@ -64,6 +91,29 @@ def _model(width: int, device: torch.device) -> nn.Module:
 def _adamw(params, device: torch.device) -> torch.optim.Optimizer:
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(params, lr=1e-3, **kw)
+
+
+def _torch_muon(params, device: torch.device) -> list[torch.optim.Optimizer]:
+    """``torch.optim.Muon`` (2-D parameters only) with AdamW on the others, as its docs advise."""
+    params = list(params)
+    matrices = [p for p in params if p.ndim == 2]
+    return [
+        torch.optim.Muon(matrices, lr=0.02, adjust_lr_fn="match_rms_adamw"),
+        _adamw([p for p in params if p.ndim != 2], device),
+    ]
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters stepped as one (Muon with AdamW)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        self.state = {k: v for o in optimizers for k, v in o.state.items()}
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+        self.state = {k: v for o in self.optimizers for k, v in o.state.items()}
 
 
 def _reference_path(opt: l2o.LearnedOptimizer, device: torch.device) -> l2o.LearnedOptimizer:
@@ -129,17 +179,21 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * 2048**3 / min(times)
 
 
-def _step_alone_contenders(device: torch.device) -> dict[str, Callable]:
-    return {
-        "torch AdamW": lambda p: _adamw(p, device),
-        "l2o LearnedOptimizer (fused)": lambda p: l2o.LearnedOptimizer(p),
-        "l2o LearnedOptimizer (reference)": lambda p: _reference_path(
-            l2o.LearnedOptimizer(p), device
-        ),
-    }
+def _step_alone_contenders(device: torch.device, checkpoints: list[str]) -> dict[str, Callable]:
+    contenders: dict[str, Callable] = {"torch AdamW": lambda p: _adamw(p, device)}
+    for name in checkpoints:
+        contenders[f"l2o LearnedOptimizer {name} (fused)"] = lambda p, c=name: l2o.LearnedOptimizer(
+            p, checkpoint=c
+        )
+        contenders[f"l2o LearnedOptimizer {name} (reference)"] = lambda p, c=name: _reference_path(
+            l2o.LearnedOptimizer(p, checkpoint=c), device
+        )
+    contenders["torch Muon (bf16 NS) + AdamW"] = lambda p: Optimizers(_torch_muon(p, device))
+    contenders["l2o Muon (float32 NS)"] = lambda p: l2o.optim.Muon(p, lr=0.02, ns_dtype="float32")
+    return contenders
 
 
-def _prepared(make: Callable, width: int, device: torch.device) -> torch.optim.Optimizer:
+def _prepared(make: Callable, width: int, device: torch.device):
     """An optimizer over a fresh model with fixed gradients, its state already allocated."""
     model = _model(width, device)
     for p in model.parameters():
@@ -154,15 +208,18 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t.dim() > 0)
 
 
-def step_memory(n_params: float, device: torch.device) -> dict[str, tuple[int, int]]:
+def step_memory(
+    n_params: float, device: torch.device, checkpoints: list[str]
+) -> dict[str, tuple[int, int]]:
     """Per contender: (transient bytes of one step, optimizer state bytes)."""
     if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
         command = [sys.executable, __file__, "--memory-of", str(n_params), "--devices", "cpu"]
+        command += ["--checkpoints", *checkpoints]
         out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
         return {k: tuple(v) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
     found = {}
-    for name, make in _step_alone_contenders(device).items():
+    for name, make in _step_alone_contenders(device, checkpoints).items():
         opt = _prepared(make, _width(n_params), device)
         with PeakMemory(device) as memory:
             opt.step()
@@ -171,11 +228,13 @@ def step_memory(n_params: float, device: torch.device) -> dict[str, tuple[int, i
     return found
 
 
-def bench_step_alone(n_params: float, device: torch.device, rounds: int, steps: int) -> dict:
+def bench_step_alone(
+    n_params: float, device: torch.device, rounds: int, steps: int, checkpoints: list[str]
+) -> dict:
     width = _width(n_params)
     runs = {
         name: {"opt": _prepared(make, width, device), "times": []}
-        for name, make in _step_alone_contenders(device).items()
+        for name, make in _step_alone_contenders(device, checkpoints).items()
     }
     for _ in range(rounds):  # interleaved: every contender sees the same machine load
         for run in runs.values():
@@ -189,23 +248,31 @@ def bench_step_alone(n_params: float, device: torch.device, rounds: int, steps: 
     return {"n": n, "medians": {k: statistics.median(v["times"]) for k, v in runs.items()}}
 
 
-def _train_step_contenders(device: torch.device) -> dict[str, Callable]:
-    return {
+def _train_step_contenders(device: torch.device, checkpoints: list[str]) -> dict[str, Callable]:
+    contenders: dict[str, Callable] = {
         "torch AdamW": lambda p: _adamw(p, device),
         "l2o Adam (rule adapter)": lambda p: L2OAdam(p, lr=1e-3),
-        "l2o LearnedOptimizer": lambda p: l2o.LearnedOptimizer(p),
-        "l2o GuardedLearnedOptimizer": lambda p: l2o.GuardedLearnedOptimizer(p),
-        "l2o GuardedLearnedOptimizer (deferred)": lambda p: l2o.GuardedLearnedOptimizer(
-            p, deferred=True
-        ),
     }
+    for name in checkpoints:
+        contenders[f"l2o LearnedOptimizer {name}"] = lambda p, c=name: l2o.LearnedOptimizer(
+            p, checkpoint=c
+        )
+        contenders[f"l2o GuardedLearnedOptimizer {name}"] = lambda p, c=name: (
+            l2o.GuardedLearnedOptimizer(p, checkpoint=c)
+        )
+        contenders[f"l2o GuardedLearnedOptimizer {name} (deferred)"] = lambda p, c=name: (
+            l2o.GuardedLearnedOptimizer(p, checkpoint=c, deferred=True)
+        )
+    return contenders
 
 
-def bench_train_step(width: int, batch: int, device: torch.device, rounds: int, steps: int):
+def bench_train_step(
+    width: int, batch: int, device: torch.device, rounds: int, steps: int, checkpoints: list[str]
+):
     runs = {}
     x = torch.randn(batch, width, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    for name, make in _train_step_contenders(device).items():
+    for name, make in _train_step_contenders(device, checkpoints).items():
         model = _model(width, device)
         opt = make(model.parameters())
 
@@ -232,6 +299,7 @@ def bench_train_step(width: int, batch: int, device: torch.device, rounds: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, nargs="+", default=[1e5, 1e6, 1e7])
+    parser.add_argument("--checkpoints", nargs="+", default=["default", "ortho_mlp"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--train-width", type=int, default=256)
@@ -243,9 +311,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of is not None:  # the child process of step_memory
-        print(json.dumps(step_memory(args.memory_of, torch.device(args.devices[0]))))
+        device = torch.device(args.devices[0])
+        print(json.dumps(step_memory(args.memory_of, device, args.checkpoints)))
         return
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lopts = {name: load_checkpoint(resolve_checkpoint(name))[0] for name in args.checkpoints}
     for dev in devices:
         device = torch.device(dev)
         label = torch.cuda.get_device_name(device) if dev == "cuda" else "CPU"
@@ -261,9 +331,9 @@ def main() -> None:
         )
         print("|---:|---|---:|---:|---:|---:|---:|")
         for n_params in args.params:
-            result = bench_step_alone(n_params, device, args.rounds, args.steps)
+            result = bench_step_alone(n_params, device, args.rounds, args.steps, args.checkpoints)
             n, medians = result["n"], result["medians"]
-            memory = step_memory(n_params, device)
+            memory = step_memory(n_params, device, args.checkpoints)
             base = medians["torch AdamW"]
             for name, seconds in medians.items():
                 transient, state = memory[name]
@@ -271,20 +341,28 @@ def main() -> None:
                     f"| {n:,} | {name} | {seconds * 1e3:.2f} | {seconds / base:.1f} "
                     f"| {seconds / n * 1e9:.1f} | {transient / 1e6:.1f} | {state / 1e6:.1f} |"
                 )
-            floor = 2 * FUSED_MACS_PER_COORDINATE * n / rate
-            fused = medians["l2o LearnedOptimizer (fused)"]
-            print(
-                f"| {n:,} | arithmetic floor of the learned MLP | {floor * 1e3:.2f} "
-                f"| {floor / base:.1f} | {floor / n * 1e9:.1f} | | |"
+            floors = {
+                f"{name}: per-coordinate MLP": 2 * macs_per_coordinate(lopt) * n / rate
+                for name, lopt in lopts.items()
+            }
+            floors["Newton–Schulz, 5 iterations"] = (
+                newton_schulz_flops(_model(_width(n_params), device)) / rate
             )
-            print(f"\nfused / floor at {n:,} parameters: {fused / floor:.1f}x\n")
+            for name, floor in floors.items():
+                print(
+                    f"| {n:,} | arithmetic floor, {name} | {floor * 1e3:.2f} "
+                    f"| {floor / base:.1f} | {floor / n * 1e9:.1f} | | |"
+                )
+            print()
         n = sum(p.numel() for p in _model(args.train_width, device).parameters())
         print(
             f"\nTraining step opt.step(closure), MLP with {n:,} parameters, batch {args.batch}:\n"
         )
         print("| optimizer | ms / step | ratio to AdamW |")
         print("|---|---:|---:|")
-        times = bench_train_step(args.train_width, args.batch, device, args.rounds, args.steps)
+        times = bench_train_step(
+            args.train_width, args.batch, device, args.rounds, args.steps, args.checkpoints
+        )
         base = times["torch AdamW"]
         for name, seconds in times.items():
             print(f"| {name} | {seconds * 1e3:.2f} | {seconds / base:.2f} |")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from l2o.cli.meta_train import run
 from l2o.learned.checkpoint import load_checkpoint
 from l2o.meta.configure import ConfigError, build, compose_config
 from l2o.meta.trainer import ResumeError
+from l2o.tasks.augment import ReparamTask
 
 
 def _cfg(tmp_path, *overrides):
@@ -32,6 +34,36 @@ def test_every_experiment_and_estimator_composes_and_validates(tmp_path, experim
     built = build(cfg, "cpu")["estimator"]
     assert type(built).__name__ == {"tbptt": "TruncatedBPTT", "es": "ES", "pes": "PES"}[estimator]
     assert built.population == cfg.estimator.population  # the composed numbers are what runs
+
+
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).parent.parent / "configs" / "experiment").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_composes_validates_and_builds(tmp_path, experiment):
+    from l2o.meta.configure import validate_config
+
+    cfg = _cfg(tmp_path, f"experiment={experiment}")
+    validate_config(cfg)
+    built = build(cfg, "cpu")
+    assert built["estimator"].population == cfg.estimator.population
+
+
+def test_the_mixture_recipe_draws_mlps_and_cnns_over_long_episodes(tmp_path):
+    cfg = _cfg(tmp_path, "experiment=ortho_mixture")
+    family = build(cfg, "cpu")["estimator"].family
+    tasks = [family.sample(seed) for seed in range(40)]
+    augmented = [t for t in tasks if isinstance(t, ReparamTask)]
+    bases = {type(t.base if isinstance(t, ReparamTask) else t).__name__ for t in tasks}
+    assert bases == {"MLPClassifierTask", "ConvNetTask"}
+    assert 0 < len(augmented) < len(tasks)
+    assert {t.config()["dataset"] for t in tasks if not isinstance(t, ReparamTask)} == {
+        "mnist1d",
+        "digits",
+    }
+    assert cfg.estimator.horizon >= 2000 and cfg.estimator.horizon_schedule == "log_uniform"
 
 
 def test_smoke_run_writes_checkpoints_that_load(tmp_path):

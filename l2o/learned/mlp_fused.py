@@ -75,7 +75,9 @@ def _rsqrt(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(x + eps)
 
 
-def _blocks(rows: int, row_numel: int, chunk_size: int) -> list[tuple[int, int]]:
+def row_blocks(rows: int, row_numel: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Ranges ``[start, stop)`` of ``rows`` rows of ``row_numel`` coordinates each, about
+    ``chunk_size`` coordinates per range (one row at least)."""
     per_block = max(1, chunk_size // max(1, row_numel))
     return [(s, min(rows, s + per_block)) for s in range(0, rows, per_block)]
 
@@ -118,7 +120,7 @@ class TensorStep:
             n = self.numel
             self.g, self.p = g.reshape(1, n), p.reshape(1, n)
             self.m, self.v, self.row = m.reshape(1, n, k), v.reshape(1, n, r), row.reshape(1, n, f)
-            self.blocks = [(0, s, e) for s, e in _blocks(n, 1, chunk_size)]
+            self.blocks = [(0, s, e) for s, e in row_blocks(n, 1, chunk_size)]
             self.coord_groups = tuple(name for name, _ in FEATURE_GROUPS)
             return
         row_dim, col_dim = dims
@@ -135,7 +137,7 @@ class TensorStep:
         # Adafactor's rank-1 estimate v̂ = (row / mean_R(row)) ⊗ col, kept as its two factors.
         self.row_normalized = self.row / (torch.mean(self.row, dim=1, keepdim=True) + rsqrt_eps)
         self.blocks = [
-            (i, s, e) for i in range(a) for s, e in _blocks(rows, b * cols * d, chunk_size)
+            (i, s, e) for i in range(a) for s, e in row_blocks(rows, b * cols * d, chunk_size)
         ]
         self.coord_groups = tuple(
             name for name, _ in FEATURE_GROUPS if name not in ROW_GROUPS + COL_GROUPS

@@ -156,6 +156,8 @@ class MLPRule(LearnedRule):
     meta-gradients flow through :meth:`update`)."""
 
     PARAMETER_SLOTS: ClassVar[frozenset[str]] = frozenset({"m", "v", "fac_row", "fac_col"})
+    #: One MLP evaluation per tensor on that tensor's own features (normalised per tensor).
+    TENSORWISE: ClassVar[bool] = True
 
     lopt: MLPLOpt = dataclasses.field(repr=False)
     #: Tensors larger than this take the fused, blocked path in blocks of about this many

@@ -70,6 +70,7 @@ from torch import Tensor
 
 from l2o.learned.base import LOpt, check_decays, check_timescales, init_mlp
 from l2o.learned.features import ema, tanh_step_embedding
+from l2o.learned.mlp_fused import CHUNK_SIZE, row_blocks
 from l2o.learned.rule import LearnedRule
 from l2o.optim import registry as optim_registry
 from l2o.optim.base import LossFn, Params, State, Step, UpdateRule, check_hyperparameter, lr_at
@@ -255,6 +256,19 @@ class OrthoMLPRule(LearnedRule):
     """The update rule of :class:`OrthoMLPLOpt` at fixed ``meta_params``."""
 
     lopt: OrthoMLPLOpt = dataclasses.field(repr=False)
+    #: Tensors larger than this get their direction in blocks of about this many coordinates
+    #: (:meth:`_direction_fused`; an implementation setting: it changes only rounding).
+    chunk_size: int = dataclasses.field(default=CHUNK_SIZE, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+
+    def tensorwise(self) -> bool:
+        # Every tensor's update is its own; a hand-designed vector rule must be so as well.
+        hand = self.lopt.hand_rule()
+        return hand is None or hand.tensorwise()
 
     def parameter_slots(self) -> frozenset[str] | None:
         hand = self.lopt.hand_rule()
@@ -327,13 +341,29 @@ class OrthoMLPRule(LearnedRule):
             count = (step + 1) if not isinstance(step, Tensor) else (step + 1).to(dtype)
             beta = beta_m[self.lopt.step_scale_momentum]
             correction = torch.sqrt(1 - beta_v**count) / (1 - beta**count)
+        meta = {k: v.to(device, dtype) for k, v in self.meta_params.items()}
         return {
             "beta_m": beta_m,
             "beta_v": beta_v,
             "embedding": embedding,
             "rms_correction": correction,
-            "meta": {k: v.to(device, dtype) for k, v in self.meta_params.items()},
+            "meta": meta,
+            "feature_major_layers": self._feature_major_layers(meta, embedding),
         }
+
+    def _feature_major_layers(
+        self, meta: Params, embedding: Tensor | None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """The MLP's layers as ``(Wᵀ, b[:, None])`` for feature-major inputs ``[features, n]``,
+        with the step embedding (the same for every coordinate) folded into the first bias.
+        ``Wᵀ`` is made contiguous: a transposed view makes these thin products 3x slower."""
+        f, layers = self.lopt.num_features, len(self.lopt.hidden_sizes) + 1
+        b0 = meta["b0"]
+        if embedding is not None:
+            b0 = b0 + embedding @ meta["w0"][f:]
+        weights = [meta["w0"][:f]] + [meta[f"w{i}"] for i in range(1, layers)]
+        biases = [b0] + [meta[f"b{i}"] for i in range(1, layers)]
+        return [(w.T.contiguous(), b.unsqueeze(1)) for w, b in zip(weights, biases, strict=True)]
 
     def _direction(self, inputs: Tensor, constants: dict[str, Any]) -> Tensor:
         """``u = (base + d)·exp(λ a)`` per coordinate, ``[numel]``."""
@@ -350,10 +380,67 @@ class OrthoMLPRule(LearnedRule):
         base = inputs[:, self.lopt.base_momentum]
         return (base + direction) * torch.exp(self.lopt.exp_mult * log_magnitude)
 
-    def _adam_rms(self, inputs: Tensor, constants: dict[str, Any]) -> Tensor:
+    def _direction_fused(
+        self, g: Tensor, p: Tensor, m: Tensor, v: Tensor, matrix: bool, constants: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """What :meth:`_inputs` and :meth:`_direction` compute, in blocks of about
+        ``chunk_size`` coordinates: ``u`` (``[numel]``) and the mean square of the
+        ``step_scale_momentum`` input (for :meth:`_adam_rms`), without the ``[numel, 6]``
+        input matrix or the ``[numel, 8]`` hidden activations of the whole tensor.
+
+        Why: a per-coordinate MLP this narrow is memory-bound, and coordinate-major
+        ``[numel, 8]`` products stream through main memory at a fraction of its bandwidth.
+        Feature-major blocks (``[6, n]`` inputs, ``[8, n]`` activations, ``W^T x`` products)
+        stay in cache. Pure (the in-place ReLU acts on fresh products), so it also runs under
+        vmap and autograd."""
+        lopt, layers = self.lopt, constants["feature_major_layers"]
+        k = len(lopt.momentum_decays)
+        floor = RELATIVE_EPS * torch.mean(v) + TINY
+        p_scale = 1.0 / _rms(p)
+        rows = p.shape[0] if matrix else 1
+        g2, p2, v2 = (x.reshape(rows, -1) for x in (g, p, v))
+        m2 = m.reshape(rows, -1, k)
+        if matrix:  # v̂ = rowmean(v) ⊗ colmean(v) / mean(v), as two factors
+            row_mean, col_mean = v2.mean(1), v2.mean(0) / (torch.mean(v2) + TINY)
+        directions, square_sum = [], torch.zeros((), dtype=g.dtype, device=g.device)
+        for start, stop in row_blocks(rows, g2.shape[1], self.chunk_size):
+            v_block = v2[start:stop].reshape(1, -1)
+            m_block = m2[start:stop].reshape(-1, k).T  # [k, n]
+            v_hat = torch.outer(row_mean[start:stop], col_mean).reshape(1, -1) if matrix else None
+            inv_s = torch.rsqrt(v_block + floor)
+            x = torch.cat(
+                [
+                    m_block * inv_s,
+                    g2[start:stop].reshape(1, -1) * inv_s,
+                    m_block[:1] * (inv_s if v_hat is None else torch.rsqrt(v_hat + floor)),
+                    p2[start:stop].reshape(1, -1) * p_scale,
+                ]
+            )
+            h = x
+            for i, (w, b) in enumerate(layers):
+                h = torch.addmm(b, w, h)
+                if i < len(layers) - 1:
+                    h = torch.relu_(h)
+            base = x[lopt.base_momentum]
+            directions.append((base + h[0]) * torch.exp(lopt.exp_mult * h[1]))
+            measured = x[lopt.step_scale_momentum]
+            square_sum = square_sum + torch.sum(measured * measured)
+        return torch.cat(directions), square_sum / g.numel()
+
+    def _direction_reference(
+        self, g: Tensor, p: Tensor, m: Tensor, v: Tensor, matrix: bool, constants: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """``u`` and the ``step_scale_momentum`` input's mean square from the whole input
+        matrix (the oracle of :meth:`_direction_fused`)."""
+        inputs = self._inputs(g, p, m, v, matrix)
+        measured = inputs[:, self.lopt.step_scale_momentum]
+        return self._direction(inputs, constants), torch.mean(measured * measured)
+
+    def _adam_rms(self, mean_square: Tensor, constants: dict[str, Any]) -> Tensor:
         """``min(1, rms(m̂ / sqrt(v̂)))`` of the ``step_scale_momentum`` momentum, bias-corrected
-        as Adam's (so that it measures the gradients' agreement from the first step on)."""
-        rms = _rms(inputs[:, self.lopt.step_scale_momentum])
+        as Adam's (so that it measures the gradients' agreement from the first step on), from
+        the mean square of that input."""
+        rms = torch.sqrt(mean_square + TINY)
         return (rms * constants["rms_correction"]).clamp(max=1.0)
 
     def _matrix_direction(self, u: Tensor, shape: torch.Size) -> Tensor:
@@ -378,6 +465,26 @@ class OrthoMLPRule(LearnedRule):
         step: Step,
         loss_fn: LossFn | None = None,
     ) -> tuple[Params, State]:
+        """The learned step. A tensor of more than ``chunk_size`` coordinates gets its direction
+        block by block (:meth:`_direction_fused`), a smaller one from its whole input matrix;
+        both give the same update to float32 rounding, under vmap and autograd as well."""
+        return self._update(grads, state, params, step, fused_above=self.chunk_size)
+
+    def reference_update(
+        self, grads: Params, state: State, params: Params, *, step: Step
+    ) -> tuple[Params, State]:
+        """The oracle: every tensor's input matrix materialised whole."""
+        return self._update(grads, state, params, step, fused_above=None)
+
+    def fused_update(
+        self, grads: Params, state: State, params: Params, *, step: Step
+    ) -> tuple[Params, State]:
+        """Every tensor's direction computed block by block, whatever its size."""
+        return self._update(grads, state, params, step, fused_above=0)
+
+    def _update(
+        self, grads: Params, state: State, params: Params, step: Step, fused_above: int | None
+    ) -> tuple[Params, State]:
         lr = lr_at(self.lr, step)
         hand = self._hand_keys(params)
         updates: Params = {}
@@ -395,12 +502,14 @@ class OrthoMLPRule(LearnedRule):
             m = ema(m_old, g.unsqueeze(-1), constants["beta_m"])
             v = ema(v_old, g * g, constants["beta_v"])
             matrix = self._is_matrix(name, p)
-            inputs = self._inputs(g, p.to(dtype), m, v, matrix)
-            u = self._direction(inputs, constants).reshape(p.shape)
+            fused = fused_above is not None and p.numel() > fused_above
+            direction_of = self._direction_fused if fused else self._direction_reference
+            u, mean_square = direction_of(g, p.to(dtype), m, v, matrix, constants)
+            u = u.reshape(p.shape)
             kind = "matrix" if matrix else "vector"
             step_size = torch.exp(self.meta_params[f"log_lr_{kind}"]).to(u)
             if self.lopt.step_scale == "adam_rms":
-                step_size = step_size * self._adam_rms(inputs, constants)
+                step_size = step_size * self._adam_rms(mean_square, constants)
             direction = self._matrix_direction(u, p.shape) if matrix else u / _rms(u)
             # Decoupled weight decay at the step's own size (as Muon and AdamW scale it by lr).
             delta = step_size * (direction + self.lopt.weight_decay * p.to(dtype))

@@ -193,9 +193,28 @@ class RuleOptimizer(torch.optim.Optimizer):
         rule = self._group_rule(group)
         anchor = self.state[group["params"][0]]
         self._init_new_params(rule, live, anchor)
-        state = _join_state({k: self.state[p] for k, p in live.items()}, anchor)
         step = int(anchor[STEP])
+        if rule.tensorwise() and not rule.needs_loss_fn:
+            for k, p in live.items():
+                self._apply(rule, {k: p}, {k: grads[k]}, anchor, step)
+        else:
+            self._apply(rule, live, grads, anchor, step, closure, known_loss)
+        anchor[STEP] = torch.tensor(step + 1)
+        return True
 
+    def _apply(
+        self,
+        rule: UpdateRule,
+        live: Params,
+        grads: Params,
+        anchor: dict[str, Any],
+        step: int,
+        closure: Callable[[], Any] | None = None,
+        known_loss: Tensor | None = None,
+    ) -> None:
+        """One update of the parameters ``live`` (all of a group's, or one of a tensorwise
+        rule's): their new values and state written in place of the old."""
+        state = _join_state({k: self.state[p] for k, p in live.items()}, anchor)
         if rule.needs_loss_fn:
             # The closure moves the live parameters: the rule gets copies, and the parameters
             # are put back before the update is applied.
@@ -219,8 +238,6 @@ class RuleOptimizer(torch.optim.Optimizer):
             p.add_(updates[k])
         per_param = {k: self.state[p] for k, p in live.items()}
         _store_state(new_state, per_param, anchor, rule.parameter_slots())
-        anchor[STEP] = torch.tensor(step + 1)
-        return True
 
     def _loss_fn(
         self, closure: Callable[[], Any], live: Params, known_loss: Tensor | None

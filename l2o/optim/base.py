@@ -174,6 +174,17 @@ class UpdateRule(ABC):
         rules (the guard) build theirs from their parts."""
         return self.PARAMETER_SLOTS
 
+    #: Rules whose update of each tensor depends only on that tensor's gradient, state and
+    #: parameter and on the step, and whose state is per-parameter slots only, set this.
+    TENSORWISE: ClassVar[bool] = False
+
+    def tensorwise(self) -> bool:
+        """Whether the rule gives the same result applied to one tensor at a time. The
+        ``torch.optim`` adapter then applies it so, and a step's transient memory is one
+        tensor's new state instead of the whole model's (the rules are pure: an update returns
+        a new state). Composite rules decide from their parts."""
+        return self.TENSORWISE
+
     def loss_fn_requirements(self) -> frozenset[str]:
         """Methods the rule calls on ``loss_fn`` beyond the :class:`LossFn` protocol and
         ``hvp`` (Levenberg–Marquardt's ``residuals_and_jacobian``, AdaFisher's

@@ -1,0 +1,169 @@
+"""The blocked direction of the ``ortho_mlp`` learned optimizer against its reference (the whole
+input matrix): shapes, block sizes, options, vmap and meta-gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.func import vmap
+
+from l2o.learned import OrthoMLPLOpt
+from l2o.learned.mlp_fused import CHUNK_SIZE
+
+# 0-D, 1-D, matrices with and without a size-1 dim, tall and wide, conv 4-D, sizes that no block
+# size divides.
+SHAPES = [(), (1,), (7,), (5, 3), (1, 9), (9, 1), (33, 17), (4, 1, 3), (3, 8, 5, 5), (6, 5, 4)]
+BLOCK_SIZES = [1, 7, 40, CHUNK_SIZE]
+OPTIONS = [
+    {},
+    {"step_scale": "adam_rms", "weight_decay": 0.1},
+    {"step_scale": "adam_rms", "step_scale_momentum": 2, "base_momentum": 0},
+    {
+        "step_timescales": [10.0, 1e3],
+        "hidden_sizes": [5],
+        "momentum_decays": [0.9],
+        "base_momentum": 0,
+    },
+    {"vector_keys": ["t4"], "matrix_scaling": "match_rms_adamw"},
+]
+
+
+def make_rule(dtype=torch.float32, lr=2.0, **config):
+    lopt = OrthoMLPLOpt(ns_dtype="float64" if dtype == torch.float64 else "float32", **config)
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    # Larger output weights than at initialisation, so that the MLP's share of u is not small.
+    meta = {k: (3 * v if k.startswith("w") else v).to(dtype) for k, v in meta.items()}
+    return lopt.rule(meta, lr=lr)
+
+
+def trajectory(update, rule, params, steps: int = 5, seed: int = 0):
+    """Updates and states along ``steps`` updates on gradients of widely varying scale."""
+    g = torch.Generator().manual_seed(seed)
+    state, out = rule.init(params), []
+    for t in range(steps):
+        grads = {
+            k: torch.randn(p.shape, generator=g, dtype=p.dtype) * 10.0 ** (2 * t - 4)
+            for k, p in params.items()
+        }
+        updates, state = update(grads, state, params, step=t)
+        out.append((updates, state))
+        params = {k: params[k] + updates[k] for k in params}
+    return out
+
+
+def assert_trees_close(a, b, **tol):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_trees_close(a[k], b[k], **tol)
+    else:
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+def test_fused_direction_equals_the_reference_on_tensors_of_every_shape(block_size, options):
+    rule = make_rule(**options)
+    fused = dataclasses.replace(rule, chunk_size=block_size)
+    g = torch.Generator().manual_seed(1)
+    params = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
+    expected = trajectory(rule.reference_update, rule, params)
+    got = trajectory(fused.fused_update, fused, params)
+    for (u_ref, s_ref), (u_fused, s_fused) in zip(expected, got, strict=True):
+        assert_trees_close(u_fused, u_ref, rtol=1e-4, atol=1e-5 * max_abs(u_ref))
+        assert_trees_close(s_fused, s_ref, rtol=0, atol=0)  # the same accumulator ops
+
+
+def max_abs(tree) -> float:
+    return max(float(t.abs().max()) for t in tree.values() if t.numel())
+
+
+def test_update_takes_the_fused_path_only_above_the_block_size(monkeypatch):
+    rule = dataclasses.replace(make_rule(), chunk_size=20)
+    seen = []
+    original = type(rule)._direction_fused
+
+    def spy(self, g, *args):
+        seen.append(tuple(g.shape))
+        return original(self, g, *args)
+
+    monkeypatch.setattr(type(rule), "_direction_fused", spy)
+    params = {"small": torch.randn(4, 5), "large": torch.randn(3, 7), "vector": torch.randn(21)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    rule.update(grads, rule.init(params), params, step=0)
+    assert seen == [(3, 7), (21,)]
+
+
+def test_fused_direction_on_non_contiguous_tensors_and_low_precision_params():
+    rule = make_rule()
+    fused = dataclasses.replace(rule, chunk_size=16)
+    params = {"t": torch.randn(12, 10).T, "strided": torch.randn(9, 8)[::2, 1:]}
+    params["bf16"] = torch.randn(6, 7).to(torch.bfloat16)
+    grads = {"t": torch.randn(12, 10).T, "strided": torch.randn(5, 7), "bf16": params["bf16"] * 2}
+    assert not params["t"].is_contiguous() and not grads["t"].is_contiguous()
+    state = rule.init(params)
+    u_ref, s_ref = rule.reference_update(grads, state, params, step=2)
+    u_fused, s_fused = fused.fused_update(grads, state, params, step=2)
+    assert {k: u.dtype for k, u in u_fused.items()} == {k: p.dtype for k, p in params.items()}
+    for k in ("t", "strided"):
+        torch.testing.assert_close(u_fused[k], u_ref[k], rtol=1e-4, atol=1e-5 * max_abs(u_ref))
+    # bfloat16 updates: the same up to the parameter dtype's rounding.
+    torch.testing.assert_close(u_fused["bf16"], u_ref["bf16"], rtol=2e-2, atol=1e-4)
+    assert_trees_close(s_fused, s_ref, rtol=0, atol=0)
+
+
+def test_fused_direction_vmaps_over_a_population_like_a_python_loop():
+    rule = dataclasses.replace(make_rule(step_scale="adam_rms"), chunk_size=9)
+    population = [{"w": torch.randn(6, 5), "b": torch.randn(11)} for _ in range(4)]
+    stacked = {k: torch.stack([p[k] for p in population]) for k in population[0]}
+    grads = [{k: torch.randn_like(v) for k, v in p.items()} for p in population]
+    stacked_grads = {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
+    steps = torch.tensor([0, 3, 50, 4000])
+
+    def one(grads, state, params, step):
+        return rule.fused_update(grads, state, params, step=step)
+
+    batched, _ = vmap(one)(stacked_grads, vmap(rule.init)(stacked), stacked, steps)
+    for i, params in enumerate(population):
+        expected, _ = rule.reference_update(grads[i], rule.init(params), params, step=int(steps[i]))
+        for k in expected:
+            torch.testing.assert_close(batched[k][i], expected[k], rtol=1e-4, atol=1e-6)
+
+
+def unrolled_loss(rule_update, rule, params, steps: int = 4):
+    """Sum of the losses of a diagonal quadratic along an unroll (differentiable)."""
+    curvature = {k: torch.linspace(0.5, 3.0, p.numel(), dtype=p.dtype) for k, p in params.items()}
+    state, total = rule.init(params), 0.0
+    for t in range(steps):
+        grads = {k: curvature[k].reshape(p.shape) * p for k, p in params.items()}
+        total = total + sum(0.5 * (grads[k] * p).sum() for k, p in params.items())
+        updates, state = rule_update(grads, state, params, step=t)
+        params = {k: params[k] + updates[k] for k in params}
+    return total
+
+
+def test_meta_gradients_through_the_fused_direction_equal_the_reference():
+    lopt = OrthoMLPLOpt(ns_dtype="float64", step_scale="adam_rms", weight_decay=0.1)
+    meta = {
+        k: v.double().requires_grad_()
+        for k, v in lopt.init_meta(torch.Generator().manual_seed(0)).items()
+    }
+    g = torch.Generator().manual_seed(3)
+    params = {
+        "w": torch.randn(7, 6, generator=g, dtype=torch.float64),
+        "conv": torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64),
+        "b": torch.randn(13, generator=g, dtype=torch.float64),
+    }
+    rule = dataclasses.replace(lopt.rule(meta, lr=3.0), chunk_size=10)
+    ref = torch.autograd.grad(unrolled_loss(rule.reference_update, rule, params), meta.values())
+    fused = torch.autograd.grad(unrolled_loss(rule.fused_update, rule, params), meta.values())
+    assert all(float(r.abs().max()) > 0 for r in ref)
+    for name, r, f in zip(meta, ref, fused, strict=True):
+        torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_chunk_size_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="chunk_size"):
+        dataclasses.replace(make_rule(), chunk_size=0)
