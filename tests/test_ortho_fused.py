@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from _rule_trajectories import assert_trees_close, max_abs, trajectory, unrolled_loss
 from torch.func import vmap
 
 from l2o.learned import OrthoMLPLOpt
@@ -38,30 +39,6 @@ def make_rule(dtype=torch.float32, lr=2.0, **config):
     return lopt.rule(meta, lr=lr)
 
 
-def trajectory(update, rule, params, steps: int = 5, seed: int = 0):
-    """Updates and states along ``steps`` updates on gradients of widely varying scale."""
-    g = torch.Generator().manual_seed(seed)
-    state, out = rule.init(params), []
-    for t in range(steps):
-        grads = {
-            k: torch.randn(p.shape, generator=g, dtype=p.dtype) * 10.0 ** (2 * t - 4)
-            for k, p in params.items()
-        }
-        updates, state = update(grads, state, params, step=t)
-        out.append((updates, state))
-        params = {k: params[k] + updates[k] for k in params}
-    return out
-
-
-def assert_trees_close(a, b, **tol):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_trees_close(a[k], b[k], **tol)
-    else:
-        torch.testing.assert_close(a, b, **tol)
-
-
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
 def test_fused_direction_equals_the_reference_on_tensors_of_every_shape(block_size, options):
@@ -74,10 +51,6 @@ def test_fused_direction_equals_the_reference_on_tensors_of_every_shape(block_si
     for (u_ref, s_ref), (u_fused, s_fused) in zip(expected, got, strict=True):
         assert_trees_close(u_fused, u_ref, rtol=1e-4, atol=1e-5 * max_abs(u_ref))
         assert_trees_close(s_fused, s_ref, rtol=0, atol=0)  # the same accumulator ops
-
-
-def max_abs(tree) -> float:
-    return max(float(t.abs().max()) for t in tree.values() if t.numel())
 
 
 def test_update_takes_the_fused_path_only_above_the_block_size(monkeypatch):
@@ -130,18 +103,6 @@ def test_fused_direction_vmaps_over_a_population_like_a_python_loop():
         expected, _ = rule.reference_update(grads[i], rule.init(params), params, step=int(steps[i]))
         for k in expected:
             torch.testing.assert_close(batched[k][i], expected[k], rtol=1e-4, atol=1e-6)
-
-
-def unrolled_loss(rule_update, rule, params, steps: int = 4):
-    """Sum of the losses of a diagonal quadratic along an unroll (differentiable)."""
-    curvature = {k: torch.linspace(0.5, 3.0, p.numel(), dtype=p.dtype) for k, p in params.items()}
-    state, total = rule.init(params), 0.0
-    for t in range(steps):
-        grads = {k: curvature[k].reshape(p.shape) * p for k, p in params.items()}
-        total = total + sum(0.5 * (grads[k] * p).sum() for k, p in params.items())
-        updates, state = rule_update(grads, state, params, step=t)
-        params = {k: params[k] + updates[k] for k in params}
-    return total
 
 
 def test_meta_gradients_through_the_fused_direction_equal_the_reference():
