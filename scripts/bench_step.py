@@ -108,12 +108,14 @@ class Optimizers:
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
-        self.state = {k: v for o in optimizers for k, v in o.state.items()}
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
 
     def step(self) -> None:
         for o in self.optimizers:
             o.step()
-        self.state = {k: v for o in self.optimizers for k, v in o.state.items()}
 
 
 def _reference_path(opt: l2o.LearnedOptimizer, device: torch.device) -> l2o.LearnedOptimizer:

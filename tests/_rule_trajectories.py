@@ -1,9 +1,11 @@
-"""Shared by the tests of the fused learned steps against their references: trajectories of
-a rule's updates, tree comparisons, and a differentiable unrolled loss for meta-gradients."""
+"""Shared by the tests of the learned rules and their fused steps: trajectories of a rule's
+updates, tree comparisons, vmap against a Python loop, the shapes sent to the fused path, and a
+differentiable unrolled loss for meta-gradients."""
 
 from __future__ import annotations
 
 import torch
+from torch.func import vmap
 
 
 def trajectory(update, rule, params, steps: int = 5, seed: int = 0):
@@ -46,3 +48,40 @@ def unrolled_loss(rule_update, rule, params, steps: int = 4):
         updates, state = rule_update(grads, state, params, step=t)
         params = {k: params[k] + updates[k] for k in params}
     return total
+
+
+def _stack(trees: list[dict]) -> dict:
+    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
+
+
+def assert_vmapped_update_equals_loop(batched_update, update, rule, population, grads, **tol):
+    """``batched_update`` vmapped over a population of parameter dicts (with their gradients,
+    at steps 0, 3, 50 and 4000) equals ``update`` run on each member alone."""
+    steps = torch.tensor([0, 3, 50, 4000])
+
+    def one(g, state, params, step):
+        return batched_update(g, state, params, step=step)
+
+    stacked = _stack(population)
+    batched, _ = vmap(one)(_stack(grads), vmap(rule.init)(stacked), stacked, steps)
+    for i, params in enumerate(population):
+        expected, _ = update(grads[i], rule.init(params), params, step=int(steps[i]))
+        for k in expected:
+            torch.testing.assert_close(batched[k][i], expected[k], **tol)
+
+
+def shapes_sent_to(method_name: str, rule, monkeypatch) -> list[tuple[int, ...]]:
+    """The tensor shapes ``rule.update`` sends to its method ``method_name`` (whose first
+    argument is the gradient) on a 4x5 matrix, a 3x7 matrix and a 21-vector."""
+    seen = []
+    original = getattr(type(rule), method_name)
+
+    def spy(self, g, *args):
+        seen.append(tuple(g.shape))
+        return original(self, g, *args)
+
+    monkeypatch.setattr(type(rule), method_name, spy)
+    params = {"small": torch.randn(4, 5), "large": torch.randn(3, 7), "vector": torch.randn(21)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    rule.update(grads, rule.init(params), params, step=0)
+    return seen

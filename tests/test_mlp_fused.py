@@ -6,8 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from _rule_trajectories import assert_trees_close, max_abs, trajectory, unrolled_loss
-from torch.func import vmap
+from _rule_trajectories import (
+    assert_trees_close,
+    assert_vmapped_update_equals_loop,
+    max_abs,
+    shapes_sent_to,
+    trajectory,
+    unrolled_loss,
+)
 
 from l2o.learned import MLPLOpt
 from l2o.learned.mlp_fused import CHUNK_SIZE, feature_slices
@@ -41,20 +47,9 @@ def test_fused_step_equals_the_reference_on_tensors_of_every_shape(block_size, l
 
 def test_update_takes_the_fused_path_only_above_the_block_size(monkeypatch):
     lopt = MLPLOpt()
-    rule = dataclasses.replace(lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0))))
+    rule = lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0)))
     rule = dataclasses.replace(rule, chunk_size=20)
-    seen = []
-    original = type(rule)._tensor_update_fused
-
-    def spy(self, g, *args):
-        seen.append(tuple(g.shape))
-        return original(self, g, *args)
-
-    monkeypatch.setattr(type(rule), "_tensor_update_fused", spy)
-    params = {"small": torch.randn(4, 5), "large": torch.randn(3, 7), "vector": torch.randn(21)}
-    grads = {k: torch.randn_like(v) for k, v in params.items()}
-    rule.update(grads, rule.init(params), params, step=0)
-    assert seen == [(3, 7), (21,)]
+    assert shapes_sent_to("_tensor_update_fused", rule, monkeypatch) == [(3, 7), (21,)]
 
 
 def test_fused_step_on_non_contiguous_tensors_and_low_precision_params():
@@ -80,19 +75,10 @@ def test_fused_step_vmaps_over_a_population_like_a_python_loop():
         lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0)), lr=2.0), chunk_size=9
     )
     population = [{"w": torch.randn(6, 5), "b": torch.randn(11)} for _ in range(4)]
-    stacked = {k: torch.stack([p[k] for p in population]) for k in population[0]}
     grads = [{k: torch.randn_like(v) for k, v in p.items()} for p in population]
-    stacked_grads = {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
-    steps = torch.tensor([0, 3, 50, 4000])
-
-    def one(grads, state, params, step):
-        return rule.fused_update(grads, state, params, step=step)
-
-    batched, _ = vmap(one)(stacked_grads, vmap(rule.init)(stacked), stacked, steps)
-    for i, params in enumerate(population):
-        expected, _ = rule.reference_update(grads[i], rule.init(params), params, step=int(steps[i]))
-        for k in expected:
-            torch.testing.assert_close(batched[k][i], expected[k], rtol=1e-5, atol=1e-8)
+    assert_vmapped_update_equals_loop(
+        rule.fused_update, rule.reference_update, rule, population, grads, rtol=1e-5, atol=1e-8
+    )
 
 
 def test_meta_gradients_through_the_fused_step_equal_the_reference():

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from _rule_trajectories import assert_vmapped_update_equals_loop
 from torch import nn
-from torch.func import vmap
 
 from l2o.learned import OrthoMLPLOpt, get_lopt, load_checkpoint, save_checkpoint
 from l2o.learned.optimizer import LearnedOptimizer
@@ -172,19 +172,10 @@ def test_vmap_over_a_population_equals_a_python_loop():
     lopt, meta = make(step_timescales=(10.0, 1000.0))
     rule = lopt.rule(meta)
     population = [params_of(seed=s) for s in range(4)]
-    stacked = {k: torch.stack([p[k] for p in population]) for k in population[0]}
     grads = [gradient_sequence(p, steps=1, seed=10 + i)[0] for i, p in enumerate(population)]
-    stacked_grads = {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
-    steps = torch.tensor([0, 3, 50, 4000])
-
-    def one(g, s, p, t):
-        return rule.update(g, s, p, step=t)
-
-    batched, _ = vmap(one)(stacked_grads, vmap(rule.init)(stacked), stacked, steps)
-    for i, p in enumerate(population):
-        expected, _ = rule.update(grads[i], rule.init(p), p, step=int(steps[i]))
-        for k in expected:
-            torch.testing.assert_close(batched[k][i], expected[k], rtol=1e-10, atol=1e-14)
+    assert_vmapped_update_equals_loop(
+        rule.update, rule.update, rule, population, grads, rtol=1e-10, atol=1e-14
+    )
 
 
 def unrolled_loss(lopt, meta, params, steps=4):

@@ -41,11 +41,10 @@ from l2o.learned.features import (
     logit,
     tanh_step_embedding,
 )
-from l2o.learned.mlp_fused import CHUNK_SIZE, TensorStep
-from l2o.learned.rule import LearnedRule
+from l2o.learned.mlp_fused import TensorStep
+from l2o.learned.rule import BlockedLearnedRule
 from l2o.optim.base import (
     LearningRate,
-    LossFn,
     Params,
     State,
     Step,
@@ -151,7 +150,7 @@ class MLPLOpt(LOpt):
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPRule(LearnedRule):
+class MLPRule(BlockedLearnedRule):
     """The update rule of :class:`MLPLOpt` at fixed ``meta_params`` (held by reference, so
     meta-gradients flow through :meth:`update`)."""
 
@@ -160,14 +159,6 @@ class MLPRule(LearnedRule):
     TENSORWISE: ClassVar[bool] = True
 
     lopt: MLPLOpt = dataclasses.field(repr=False)
-    #: Tensors larger than this take the fused, blocked path in blocks of about this many
-    #: coordinates (an implementation setting, not a hyper-parameter: it changes only rounding).
-    chunk_size: int = dataclasses.field(default=CHUNK_SIZE, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     def init(self, params: Params) -> State:
         state: State = {"m": {}, "v": {}, "fac_row": {}, "fac_col": {}}
@@ -319,33 +310,6 @@ class MLPRule(LearnedRule):
             h = torch.addmm(shared_plus_bias(block), x.T, w_coord)
             blocks.append(self._step_from_outputs(self._rest_of_mlp(meta, h), scale))
         return torch.cat(blocks)
-
-    def update(
-        self,
-        grads: Params,
-        state: State,
-        params: Params,
-        *,
-        step: Step,
-        loss_fn: LossFn | None = None,
-    ) -> tuple[Params, State]:
-        """The learned step. A tensor of more than ``chunk_size`` coordinates goes through the
-        fused, blocked computation (:mod:`l2o.learned.mlp_fused`), a smaller one through the
-        reference's single feature matrix (fewer ops, all of it in cache anyway); both give the
-        same update to float32 rounding, under vmap and autograd as well."""
-        return self._update(grads, state, params, step, fused_above=self.chunk_size)
-
-    def reference_update(
-        self, grads: Params, state: State, params: Params, *, step: Step
-    ) -> tuple[Params, State]:
-        """The oracle: every tensor's feature matrix materialised whole, as in Metz et al."""
-        return self._update(grads, state, params, step, fused_above=None)
-
-    def fused_update(
-        self, grads: Params, state: State, params: Params, *, step: Step
-    ) -> tuple[Params, State]:
-        """Every tensor through the fused, blocked computation, whatever its size."""
-        return self._update(grads, state, params, step, fused_above=0)
 
     def _update(
         self, grads: Params, state: State, params: Params, step: Step, fused_above: int | None

@@ -70,10 +70,10 @@ from torch import Tensor
 
 from l2o.learned.base import LOpt, check_decays, check_timescales, init_mlp
 from l2o.learned.features import ema, tanh_step_embedding
-from l2o.learned.mlp_fused import CHUNK_SIZE, row_blocks
-from l2o.learned.rule import LearnedRule
+from l2o.learned.mlp_fused import row_blocks
+from l2o.learned.rule import BlockedLearnedRule
 from l2o.optim import registry as optim_registry
-from l2o.optim.base import LossFn, Params, State, Step, UpdateRule, check_hyperparameter, lr_at
+from l2o.optim.base import Params, State, Step, UpdateRule, check_hyperparameter, lr_at
 from l2o.optim.muon import newton_schulz
 
 #: Relative epsilon: ``s = sqrt(v + δ·mean(v) + τ)`` (scale-free, unlike an absolute one).
@@ -252,18 +252,10 @@ def _rms(x: Tensor) -> Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class OrthoMLPRule(LearnedRule):
+class OrthoMLPRule(BlockedLearnedRule):
     """The update rule of :class:`OrthoMLPLOpt` at fixed ``meta_params``."""
 
     lopt: OrthoMLPLOpt = dataclasses.field(repr=False)
-    #: Tensors larger than this get their direction in blocks of about this many coordinates
-    #: (:meth:`_direction_fused`; an implementation setting: it changes only rounding).
-    chunk_size: int = dataclasses.field(default=CHUNK_SIZE, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     def tensorwise(self) -> bool:
         # Every tensor's update is its own; a hand-designed vector rule must be so as well.
@@ -341,14 +333,12 @@ class OrthoMLPRule(LearnedRule):
             count = (step + 1) if not isinstance(step, Tensor) else (step + 1).to(dtype)
             beta = beta_m[self.lopt.step_scale_momentum]
             correction = torch.sqrt(1 - beta_v**count) / (1 - beta**count)
-        meta = {k: v.to(device, dtype) for k, v in self.meta_params.items()}
         return {
             "beta_m": beta_m,
             "beta_v": beta_v,
             "embedding": embedding,
             "rms_correction": correction,
-            "meta": meta,
-            "feature_major_layers": self._feature_major_layers(meta, embedding),
+            "meta": {k: v.to(device, dtype) for k, v in self.meta_params.items()},
         }
 
     def _feature_major_layers(
@@ -393,6 +383,9 @@ class OrthoMLPRule(LearnedRule):
         Feature-major blocks (``[6, n]`` inputs, ``[8, n]`` activations, ``W^T x`` products)
         stay in cache. Pure (the in-place ReLU acts on fresh products), so it also runs under
         vmap and autograd."""
+        if "feature_major_layers" not in constants:  # once per dtype, and only when fused
+            layers = self._feature_major_layers(constants["meta"], constants["embedding"])
+            constants["feature_major_layers"] = layers
         lopt, layers = self.lopt, constants["feature_major_layers"]
         k = len(lopt.momentum_decays)
         floor = RELATIVE_EPS * torch.mean(v) + TINY
@@ -455,32 +448,6 @@ class OrthoMLPRule(LearnedRule):
         else:
             ratio = 0.2 * math.sqrt(max(rows, cols))
         return ratio * ortho.reshape(shape)
-
-    def update(
-        self,
-        grads: Params,
-        state: State,
-        params: Params,
-        *,
-        step: Step,
-        loss_fn: LossFn | None = None,
-    ) -> tuple[Params, State]:
-        """The learned step. A tensor of more than ``chunk_size`` coordinates gets its direction
-        block by block (:meth:`_direction_fused`), a smaller one from its whole input matrix;
-        both give the same update to float32 rounding, under vmap and autograd as well."""
-        return self._update(grads, state, params, step, fused_above=self.chunk_size)
-
-    def reference_update(
-        self, grads: Params, state: State, params: Params, *, step: Step
-    ) -> tuple[Params, State]:
-        """The oracle: every tensor's input matrix materialised whole."""
-        return self._update(grads, state, params, step, fused_above=None)
-
-    def fused_update(
-        self, grads: Params, state: State, params: Params, *, step: Step
-    ) -> tuple[Params, State]:
-        """Every tensor's direction computed block by block, whatever its size."""
-        return self._update(grads, state, params, step, fused_above=0)
 
     def _update(
         self, grads: Params, state: State, params: Params, step: Step, fused_above: int | None

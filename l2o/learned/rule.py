@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 
 from l2o.learned.base import LOpt
-from l2o.optim.base import LearningRate, Params, UpdateRule, check_hyperparameter
+from l2o.learned.mlp_fused import CHUNK_SIZE
+from l2o.optim.base import (
+    LearningRate,
+    LossFn,
+    Params,
+    State,
+    Step,
+    UpdateRule,
+    check_hyperparameter,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,3 +38,55 @@ class LearnedRule(UpdateRule):
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
         return ("lr",)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedLearnedRule(LearnedRule):
+    """A learned rule with two computations of each tensor's update: a reference that
+    materialises the tensor's whole per-coordinate input matrix (the oracle), and a fused one
+    in blocks of about ``chunk_size`` coordinates that keeps what a block touches in cache.
+    Both are pure, so the choice holds inside unrolls too; they agree to float32 rounding.
+
+    Subclasses implement :meth:`_update` with ``fused_above``: tensors of more coordinates
+    take the fused path (``None``: none do)."""
+
+    #: Tensors larger than this take the fused path in blocks of about this many coordinates
+    #: (an implementation setting, not a hyper-parameter: it changes only rounding).
+    chunk_size: int = dataclasses.field(default=CHUNK_SIZE, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+
+    def update(
+        self,
+        grads: Params,
+        state: State,
+        params: Params,
+        *,
+        step: Step,
+        loss_fn: LossFn | None = None,
+    ) -> tuple[Params, State]:
+        """The learned step: a tensor of more than ``chunk_size`` coordinates through the fused
+        computation, a smaller one through the reference (fewer ops, all of it in cache
+        anyway); the same update to float32 rounding, under vmap and autograd as well."""
+        return self._update(grads, state, params, step, fused_above=self.chunk_size)
+
+    def reference_update(
+        self, grads: Params, state: State, params: Params, *, step: Step
+    ) -> tuple[Params, State]:
+        """The oracle: every tensor's input matrix materialised whole."""
+        return self._update(grads, state, params, step, fused_above=None)
+
+    def fused_update(
+        self, grads: Params, state: State, params: Params, *, step: Step
+    ) -> tuple[Params, State]:
+        """Every tensor through the fused computation, whatever its size."""
+        return self._update(grads, state, params, step, fused_above=0)
+
+    @abstractmethod
+    def _update(
+        self, grads: Params, state: State, params: Params, step: Step, fused_above: int | None
+    ) -> tuple[Params, State]:
+        """The update with tensors of more than ``fused_above`` coordinates fused."""
