@@ -52,6 +52,7 @@ from l2o.optim.adapter import (
     _has_slots,
     _join_state,
     _store_state,
+    keyed_params,
     scalar_loss,
 )
 from l2o.optim.base import (
@@ -497,7 +498,7 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         if not self.rule.deferred:
             return
         for group in self.param_groups:
-            live = {str(i): p for i, p in enumerate(group["params"]) if _has_slots(self.state[p])}
+            live = {k: p for k, p in keyed_params(group).items() if _has_slots(self.state[p])}
             if not live:
                 continue
             rule = self._group_rule(group)

@@ -454,3 +454,50 @@ def test_a_global_dict_keyed_like_the_params_is_not_mistaken_for_a_slot():
         opt.step()
     assert set(opt.state[p]) == {"step", "group:table/0"}
     assert float(opt.state[p]["group:table/0"]) == 3.0
+
+
+def test_named_parameters_reach_the_rule_under_their_names_and_plain_ones_by_position():
+    seen = []
+
+    class Recording(rules.SGD):
+        def update(self, grads, state, params, *, step, loss_fn=None):
+            seen.append(sorted(params))
+            return super().update(grads, state, params, step=step, loss_fn=loss_fn)
+
+    model, x, y = _problem()
+    _train(model, RuleOptimizer(model.named_parameters(), Recording(lr=0.1)), x, y, 1)
+    _train(model, RuleOptimizer(model.parameters(), Recording(lr=0.1)), x, y, 1)
+    assert seen == [sorted(n for n, _ in model.named_parameters()), ["0", "1", "2", "3"]]
+
+
+def test_repeated_parameter_names_in_a_group_are_refused_at_construction():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"names repeat.*\['w'\]"):
+        O.Adam([("w", a), ("w", b)])
+
+
+def test_ortho_mlp_vector_keys_match_model_names_in_the_drop_in_optimizer():
+    # An embedding named in vector_keys takes the vector rule, as in meta-training; with
+    # plain parameters (keys "0", "1") the same tensor would be orthogonalised as a matrix.
+    from l2o.learned import OrthoMLPLOpt
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(6, 4), "out": torch.nn.Linear(4, 3)})
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    lopt = OrthoMLPLOpt(vector_keys=["emb.weight"])
+    rule = lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0)))
+    named = {k: p.detach().clone() for k, p in model.named_parameters()}
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    expected, _ = rule.update(grads, rule.init(named), named, step=0)
+
+    by_name, by_position = copy.deepcopy(model), copy.deepcopy(model)
+    for copied in (by_name, by_position):
+        for k, p in copied.named_parameters():
+            p.grad = grads[k].clone()
+    RuleOptimizer(by_name.named_parameters(), rule).step()
+    RuleOptimizer(by_position.parameters(), rule).step()
+    for k, p in by_name.named_parameters():
+        torch.testing.assert_close(p.detach() - named[k], expected[k])
+    moved = dict(by_position.named_parameters())["emb.weight"].detach() - named["emb.weight"]
+    assert not torch.allclose(moved, expected["emb.weight"])

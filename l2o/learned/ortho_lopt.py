@@ -102,7 +102,10 @@ class OrthoMLPLOpt(LOpt):
         ns_steps, ns_dtype: Newton–Schulz iterations and their dtype.
         vector_rule: ``"learned"`` or a registered hand-designed rule (:func:`l2o.optim.names`).
         vector_hparams: that rule's hyper-parameters.
-        vector_keys: names of tensors of 2 or more dims to update as vectors (e.g. embeddings).
+        vector_keys: names of tensors of 2 or more dims to update as vectors (e.g. embeddings):
+            a task's parameter names in meta-training; in the drop-in optimizer the names of
+            ``model.named_parameters()``, when it is given those (plain parameters are keyed by
+            position, ``"0"``, ``"1"``, ...).
         step_scale: ``"constant"`` (the normalised step's size is the learned step size) or
             ``"adam_rms"`` (times ``min(1, rms(base))`` per tensor, see the module docstring).
         step_scale_momentum: index into ``momentum_decays`` of the momentum ``adam_rms`` measures

@@ -57,6 +57,11 @@ class RuleOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            keyed_params(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
         for i, p in enumerate(group["params"]):
             if p.is_complex() and not self.rule.supports_complex:
                 self.param_groups.pop()
@@ -151,7 +156,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             raise
 
     def _check_loaded_group(self, index: int, group: Mapping[str, Any]) -> None:
-        loaded = {str(i): p for i, p in enumerate(group["params"]) if _has_slots(self.state[p])}
+        loaded = {k: p for k, p in keyed_params(group).items() if _has_slots(self.state[p])}
         if not loaded:
             return
         expected = {k: {} for k in loaded}
@@ -181,7 +186,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         closure: Callable[[], Any] | None,
         known_loss: Tensor | None,
     ) -> bool:
-        live = {str(i): p for i, p in enumerate(group["params"]) if p in all_grads}
+        live = {k: p for k, p in keyed_params(group).items() if p in all_grads}
         if not live:
             return False
         grads = {k: all_grads[p] for k, p in live.items()}
@@ -335,6 +340,21 @@ def _replace_checked(rule: UpdateRule, changes: Mapping[str, Any]) -> UpdateRule
             f"its hyper-parameters are {', '.join(rule.hyperparameter_names())}"
         )
     return rule.replace(**changes) if changes else rule
+
+
+def keyed_params(group: Mapping[str, Any]) -> dict[str, Tensor]:
+    """A param group's parameters under the keys the rule sees: their names when the optimizer
+    was given ``model.named_parameters()`` (``torch.optim`` keeps them as ``param_names``), so
+    that name-dependent options (``ortho_mlp``'s ``vector_keys``) match as they do in
+    meta-training; otherwise their positions in the group, ``"0"``, ``"1"``, ..."""
+    params = group["params"]
+    names = group.get("param_names")
+    if names is None:
+        return {str(i): p for i, p in enumerate(params)}
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"parameter names repeat within a param group: {repeated}")
+    return dict(zip(names, params, strict=True))
 
 
 def _is_reserved(key: str) -> bool:
