@@ -64,6 +64,7 @@ from l2o.optim.base import (
     apply_updates,
     as_loss_fn,
     check_hyperparameter,
+    lr_at,
 )
 
 #: How many recent choices ``accept_rate`` averages over.
@@ -246,7 +247,8 @@ class GuardRule(UpdateRule):
         learned_updates, learned_state = self.learned.update(
             grads, state["learned"], params, step=step
         )
-        learned_updates = {k: u * self.lr for k, u in learned_updates.items()}
+        lr = lr_at(self.lr, step)
+        learned_updates = {k: u * lr for k, u in learned_updates.items()}
         fallback_updates, fallback_state = self.fallback.update(
             grads, state["fallback"], params, step=step, loss_fn=fallback_loss_fn
         )
@@ -432,6 +434,9 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         lr: multiplier on the learned step (what LR schedulers scale).
         compare_every: compare losses every n-th step (in between, the last winner is taken).
         deferred: compare on the next step's closure (cheaper; see above).
+        total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
+            schedule (:class:`~l2o.learned.optimizer.LearnedOptimizer`); the learned
+            candidate is annealed over them, the fallback is not.
     """
 
     def __init__(
@@ -443,8 +448,9 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         lr: float = 1.0,
         compare_every: int = 1,
         deferred: bool = False,
+        total_steps: int | None = None,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint)
+        self.learned = CheckpointedRules(checkpoint, total_steps)
         fallback_kwargs = dict(fallback_kwargs or {})
         self.fallback = registry.get(fallback, **fallback_kwargs)
         if self.fallback.needs_loss_fn:
@@ -467,7 +473,14 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
                 learned=self.learned.rule(device), fallback=self.fallback, deferred=deferred
             )
 
-        super().__init__(params, guard_rule, identity, lr=lr, compare_every=compare_every)
+        super().__init__(
+            params,
+            guard_rule,
+            identity,
+            self.learned.annealed,
+            lr=lr,
+            compare_every=compare_every,
+        )
 
     def step(  # type: ignore[override]
         self,

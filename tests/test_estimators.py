@@ -163,6 +163,36 @@ def test_an_episode_restarts_at_the_horizon_with_fresh_instances():
     assert est.estimate(meta, state, g).metrics["episode"] == 1.0
 
 
+@pytest.mark.parametrize("name", ["tbptt", "pes"])
+def test_an_update_schedule_anneals_over_each_episodes_drawn_length(name):
+    from l2o.optim.schedules import run_annealing
+
+    lopt, task = MomentumLOpt(), Quadratic(noise=0.1)
+    kwargs = dict(population=2, truncation=3, horizon=12, horizon_schedule="log_uniform")
+    est = get_estimator(name, lopt=lopt, task=task, update_schedule="cosine", **kwargs)
+    meta, g = _meta(lopt), _gen()
+    state = est.init(meta, g)
+    for _ in range(2):  # the second truncation starts mid-episode
+        horizon, carry = int(state["horizon"]), state["carry"]
+        result = est.estimate(meta, state, _gen(1))
+        if name == "tbptt":
+            expected = unroll(
+                lopt.rule(meta),
+                task,
+                carry,
+                3,
+                update_schedule=run_annealing("cosine", horizon),
+            ).carry["params"]
+            torch.testing.assert_close(result.state["carry"]["params"], expected)
+        state = result.state
+    constant = get_estimator(name, lopt=lopt, task=task, **kwargs)
+    first = constant.init(meta, _gen())
+    scheduled = est.init(meta, _gen())
+    a = constant.estimate(meta, first, _gen(1)).state["carry"]["params"]["w"]
+    b = est.estimate(meta, scheduled, _gen(1)).state["carry"]["params"]["w"]
+    assert not torch.allclose(a, b)
+
+
 def test_pes_accumulates_perturbations_until_the_episode_ends():
     lopt, task = MomentumLOpt(), Quadratic(noise=0.1)
     est = PES(lopt, task, population=4, truncation=2, horizon=4, sigma=0.1)
@@ -368,6 +398,7 @@ def test_get_estimator_builds_registered_estimators_and_rejects_unknown_names():
         ("tbptt", {"truncation": 10, "horizon": 5}, "truncation"),
         ("tbptt", {"meta_loss": "accuracy"}, "meta_loss"),
         ("tbptt", {"horizon_schedule": "cosine"}, "horizon_schedule"),
+        ("pes", {"update_schedule": "exponential"}, "update_schedule"),
         ("tbptt", {"horizon_schedule": "log_uniform", "min_horizon": 200}, "min_horizon"),
         ("es", {"population": 3}, "population"),
         ("pes", {"population": 5}, "population"),

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_map_only
 from l2o.meta.losses import META_LOSSES, MetaLossTerms, get_meta_loss
 from l2o.meta.unroll import count_nonfinite, init_carry, unroll
 from l2o.optim.base import apply_updates
+from l2o.optim.schedules import Cosine, run_annealing
 
 
 def _rule(lr=0.1, beta=0.6, decay=0.5):
@@ -24,8 +25,9 @@ def _member(tree, i):
     return tree_map_only(torch.Tensor, lambda t: t[i], tree)
 
 
-def _loop_reference(rule, task, carry, num_steps):
-    """Member by member in plain Python with torch.autograd: the reference for ``unroll``."""
+def _loop_reference(rule, task, carry, num_steps, factor=lambda step: 1.0):
+    """Member by member in plain Python with torch.autograd: the reference for ``unroll``
+    (``factor(step)`` multiplies the update of inner step ``step``)."""
     members = []
     for i, (seed, first) in enumerate(zip(carry["seeds"].tolist(), carry["step"].tolist())):
         params, state = _member(carry["params"], i), _member(carry["opt_state"], i)
@@ -35,6 +37,7 @@ def _loop_reference(rule, task, carry, num_steps):
             loss = task.loss(leaves, task.batch(seed, first + k))
             grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
             updates, state = rule.update(grads, state, params, step=first + k)
+            updates = {n: u * factor(first + k) for n, u in updates.items()}
             params = apply_updates(params, updates)
             losses.append(loss.detach())
         final = task.loss(params, task.batch(seed, first + num_steps))
@@ -65,6 +68,31 @@ def test_vmapped_unroll_matches_a_python_loop_over_instances():
     # The initial loss is the loss at the episode's first parameters, on its first batch.
     assert torch.equal(out.terms.initial, carry["initial_loss"])
     assert out.terms.initial[0] == out.losses[0, 0]
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_an_update_schedule_scales_every_members_updates_at_its_own_step(name):
+    rule, task = _rule(), Quadratic(noise=0.3)
+    carry = _staggered_carry(rule, task)
+    schedule = run_annealing(name, 6)
+    out = unroll(rule, task, carry, 4, update_schedule=schedule)
+    for i, (params, state, losses, final) in enumerate(
+        _loop_reference(rule, task, carry, 4, factor=schedule)
+    ):
+        torch.testing.assert_close(_member(out.carry["params"], i), params)
+        torch.testing.assert_close(_member(out.carry["opt_state"], i), state)  # not scaled
+        torch.testing.assert_close(out.losses[:, i], losses)
+        torch.testing.assert_close(out.terms.train[-1, i], final)
+    constant = unroll(rule, task, carry, 4)
+    assert not torch.allclose(constant.carry["params"]["w"], out.carry["params"]["w"])
+
+
+def test_run_annealing_names_and_errors():
+    assert run_annealing("constant", 10) is None
+    assert run_annealing("cosine", 10) == Cosine(lr=1.0, total_steps=10)
+    assert run_annealing("linear", 4)(torch.tensor([0, 2, 4])).tolist() == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="update_schedule must be one of"):
+        run_annealing("exponential", 10)
 
 
 def test_consecutive_truncations_equal_one_long_unroll():
@@ -219,17 +247,18 @@ def _per_member_setup(lopt, task, population=4):
     return stacked, init_carry(lopt.rule, task, seeds, population_meta_params=stacked)
 
 
-def _assert_compiled_unroll_matches_eager(lopt, task, steps, rtol):
+def _assert_compiled_unroll_matches_eager(lopt, task, steps, rtol, schedule=None):
     stacked, carry = _per_member_setup(lopt, task)
+    kw = dict(population_meta_params=stacked, update_schedule=schedule)
     with torch.no_grad():
-        eager = unroll(lopt.rule, task, carry, steps, population_meta_params=stacked)
-        compiled = unroll(
-            lopt.rule, task, carry, steps, population_meta_params=stacked, compile=True
-        )
-        again = unroll(  # a second truncation from the compiled one's carry: no recompilation
-            lopt.rule, task, compiled.carry, steps, population_meta_params=stacked, compile=True
-        )
-        reference = unroll(lopt.rule, task, eager.carry, steps, population_meta_params=stacked)
+        eager = unroll(lopt.rule, task, carry, steps, **kw)
+        compiled = unroll(lopt.rule, task, carry, steps, compile=True, **kw)
+        # A second truncation from the compiled one's carry (with a schedule, over another
+        # episode length: the factor is an input of the graph, not a constant in it).
+        if schedule is not None:
+            kw["update_schedule"] = Cosine(lr=1.0, total_steps=schedule.total_steps + 7)
+        again = unroll(lopt.rule, task, compiled.carry, steps, compile=True, **kw)
+        reference = unroll(lopt.rule, task, eager.carry, steps, **kw)
     torch.testing.assert_close(compiled.losses, eager.losses, rtol=rtol, atol=1e-7)
     torch.testing.assert_close(again.losses, reference.losses, rtol=rtol, atol=1e-7)
     for k in eager.carry["params"]:
@@ -238,8 +267,11 @@ def _assert_compiled_unroll_matches_eager(lopt, task, steps, rtol):
         )
 
 
-def test_compiled_inner_steps_equal_the_eager_unroll():
-    _assert_compiled_unroll_matches_eager(MomentumLOpt(decay=0.3), Quadratic(noise=0.2), 4, 1e-6)
+@pytest.mark.parametrize("schedule", [None, Cosine(lr=1.0, total_steps=9)])
+def test_compiled_inner_steps_equal_the_eager_unroll(schedule):
+    _assert_compiled_unroll_matches_eager(
+        MomentumLOpt(decay=0.3), Quadratic(noise=0.2), 4, 1e-6, schedule
+    )
 
 
 @pytest.mark.slow

@@ -307,7 +307,12 @@ def _evaluate(cfg: DictConfig, parts, initial, final, device) -> tuple[float, fl
 
     seeds = [int(cfg.eval.first_seed) + i for i in range(cfg.eval.seeds)]
     kwargs = dict(
-        seeds=seeds, horizon=cfg.eval.horizon, meta_loss=cfg.eval.meta_loss, device=device
+        seeds=seeds,
+        horizon=cfg.eval.horizon,
+        meta_loss=cfg.eval.meta_loss,
+        device=device,
+        # Held-out episodes anneal over their length as the meta-training episodes did.
+        update_schedule=getattr(parts["estimator"], "update_schedule", "constant"),
     )
     show = bool(cfg.progress)
     if show:

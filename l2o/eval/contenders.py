@@ -30,6 +30,7 @@ import torch
 from l2o.guard import GuardRule
 from l2o.optim import registry
 from l2o.optim.base import Params, UpdateRule
+from l2o.optim.schedules import run_annealing
 from l2o.registry import did_you_mean, unknown_keyword
 
 __all__ = [
@@ -88,7 +89,8 @@ class RuleContender(Contender):
 
 @dataclasses.dataclass(frozen=True)
 class LearnedContender(Contender):
-    """A learned-optimizer checkpoint: ``lopt.rule(meta_params)``."""
+    """A learned-optimizer checkpoint: ``lopt.rule(meta_params)``, its updates annealed over
+    the run's ``horizon`` when it was meta-trained so (its card's ``update_schedule``)."""
 
     checkpoint: str = ""
     checkpoint_id: str = ""
@@ -96,11 +98,25 @@ class LearnedContender(Contender):
     meta_params: Params = dataclasses.field(default_factory=dict, repr=False)
     card: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
-    def build(self, device: torch.device | str = "cpu") -> UpdateRule:
-        return self.lopt.rule({k: v.to(device) for k, v in self.meta_params.items()})
+    @property
+    def update_schedule(self) -> str:
+        from l2o.learned.checkpoint import update_schedule_of
+
+        return update_schedule_of(self.card)
+
+    def build(self, device: torch.device | str = "cpu", horizon: int | None = None) -> UpdateRule:
+        meta = {k: v.to(device) for k, v in self.meta_params.items()}
+        if self.update_schedule == "constant":
+            return self.lopt.rule(meta)
+        if horizon is None:
+            raise ValueError(f"{self.name} anneals over its run: build it with the horizon")
+        return self.lopt.rule(meta, lr=run_annealing(self.update_schedule, horizon))
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "learned", "checkpoint_id": self.checkpoint_id}
+        spec = {"kind": "learned", "checkpoint_id": self.checkpoint_id}
+        if self.update_schedule != "constant":  # (cells of constant checkpoints keep their key)
+            spec["update_schedule"] = self.update_schedule
+        return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +127,14 @@ class GuardedContender(Contender):
     fallback: RuleContender | None = None
     compare_every: int = 1
 
-    def build(self, fallback_lr: float | None, device: torch.device | str = "cpu") -> GuardRule:
+    def build(
+        self,
+        fallback_lr: float | None,
+        device: torch.device | str = "cpu",
+        horizon: int | None = None,
+    ) -> GuardRule:
         return GuardRule(
-            self.learned.build(device),
+            self.learned.build(device, horizon),
             self.fallback.build(fallback_lr),
             compare_every=self.compare_every,
         )

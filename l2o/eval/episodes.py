@@ -15,6 +15,7 @@ from l2o.meta.distributed import resolve_device
 from l2o.meta.losses import get_meta_loss
 from l2o.meta.unroll import init_carry, unroll
 from l2o.optim.base import Params
+from l2o.optim.schedules import run_annealing
 from l2o.tasks.base import Task, TaskFamily
 
 __all__ = ["evaluate"]
@@ -30,6 +31,7 @@ def evaluate(
     meta_loss: str = "train_mean",
     device: str | torch.device = "cpu",
     progress: bool | str = False,
+    update_schedule: str = "constant",
 ) -> float:
     """Held-out meta-loss: the mean over ``seeds`` of the meta-loss of one whole episode.
 
@@ -46,6 +48,7 @@ def evaluate(
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     device = resolve_device(device)
     loss_fn = get_meta_loss(meta_loss)
+    annealing = run_annealing(update_schedule, horizon)
     with torch.no_grad():
         rule = lopt.rule({k: v.detach().to(device) for k, v in meta_params.items()})
         if isinstance(task, TaskFamily):  # one task structure per seed: unroll them one by one
@@ -62,6 +65,13 @@ def evaluate(
             carry = init_carry(
                 rule, member_task, torch.tensor(member_seeds, dtype=torch.int64), device=device
             )
-            result = unroll(rule, member_task, carry, horizon, eval_mode=loss_fn.eval_mode)
+            result = unroll(
+                rule,
+                member_task,
+                carry,
+                horizon,
+                eval_mode=loss_fn.eval_mode,
+                update_schedule=annealing,
+            )
             total += float(loss_fn(result.terms).sum())
     return total / len(seeds)

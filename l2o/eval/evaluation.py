@@ -198,9 +198,9 @@ def _run(
     if isinstance(c, TorchContender):
         run = run_torch(c, lr, entry.task, seeds, horizon, device=device)
     elif isinstance(c, GuardedContender):
-        run = run_rule(c.build(lr, device), entry.task, seeds, horizon, device=device)
+        run = run_rule(c.build(lr, device, horizon), entry.task, seeds, horizon, device=device)
     elif isinstance(c, LearnedContender):
-        run = run_rule(c.build(device), entry.task, seeds, horizon, device=device)
+        run = run_rule(c.build(device, horizon), entry.task, seeds, horizon, device=device)
     else:
         run = run_rule(c.build(lr), entry.task, seeds, horizon, device=device)
     tensors = {

@@ -604,3 +604,14 @@ def is_inside_shipped(path: str | os.PathLike) -> bool:
     except ValueError:
         return False
     return True
+
+
+def update_schedule_of(card: Mapping[str, Any]) -> str:
+    """How the checkpoint's updates were annealed over each meta-training episode
+    (``estimator.update_schedule`` of the config it was trained with; ``"constant"`` for cards
+    without one): a :data:`l2o.optim.schedules.RUN_ANNEALINGS` name, to be applied over the
+    length of every run it trains."""
+    config = card.get("config")
+    estimator = config.get("estimator") if isinstance(config, Mapping) else None
+    name = estimator.get("update_schedule") if isinstance(estimator, Mapping) else None
+    return "constant" if name is None else str(name)

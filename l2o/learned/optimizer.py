@@ -7,6 +7,13 @@ It is the generic :class:`~l2o.optim.adapter.RuleOptimizer` running ``lopt.rule(
 ``lr`` (default 1.0) multiplies the learned step, so LR schedulers scale it. The checkpoint's
 identity (``"<lopt>-<sha256 prefix>"``) is saved in ``state_dict`` and checked on load, so
 optimizer state is never silently resumed under a different learned optimizer.
+
+A checkpoint meta-trained with its updates annealed over each episode
+(``estimator.update_schedule``, e.g. cosine) needs the length of the user's run as well::
+
+    opt = l2o.LearnedOptimizer(model.parameters(), checkpoint="...", total_steps=10_000)
+
+and then anneals the same way over those steps (step ``total_steps`` and later ones are 0).
 """
 
 from __future__ import annotations
@@ -17,22 +24,50 @@ from typing import Any
 
 import torch
 
-from l2o.learned.checkpoint import checkpoint_id, load_checkpoint, resolve_checkpoint
+from l2o.learned.checkpoint import (
+    checkpoint_id,
+    load_checkpoint,
+    resolve_checkpoint,
+    update_schedule_of,
+)
 from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import Params, UpdateRule
+from l2o.optim.schedules import run_annealing
+from l2o.validation import positive_int
 
 #: Key of the extra entry these classes add to ``state_dict``.
 IDENTITY_KEY = "l2o"
 
 
 class CheckpointedRules:
-    """A learned optimizer loaded from a checkpoint, with its rule built once per device."""
+    """A learned optimizer loaded from a checkpoint, with its rule built once per device.
 
-    def __init__(self, checkpoint: str | os.PathLike) -> None:
+    ``total_steps``: the length of the run, required when the checkpoint was meta-trained with
+    an update schedule (``update_schedule``, from its card) and unused otherwise."""
+
+    def __init__(self, checkpoint: str | os.PathLike, total_steps: int | None = None) -> None:
         self.path = resolve_checkpoint(checkpoint)
         self.lopt, self.meta_params, self.card = load_checkpoint(self.path)
         self.id = checkpoint_id(self.card)
+        self.update_schedule = update_schedule_of(self.card)
+        if self.update_schedule == "constant":
+            self.total_steps = None
+        elif total_steps is None:
+            raise ValueError(
+                f"checkpoint {self.id} was meta-trained with its steps annealed over each run "
+                f"({self.update_schedule} to 0): pass total_steps=, the number of optimizer "
+                "steps your run will take"
+            )
+        else:
+            self.total_steps = positive_int("total_steps", total_steps)
         self._rules: dict[torch.device, UpdateRule] = {}
+
+    def annealed(self, rule: UpdateRule) -> UpdateRule:
+        """``rule`` with its (float) ``lr`` annealed over ``total_steps``, as in meta-training;
+        ``rule`` itself for a checkpoint without an update schedule."""
+        if self.total_steps is None:
+            return rule
+        return rule.replace(lr=run_annealing(self.update_schedule, self.total_steps, rule.lr))
 
     def rule(self, device: torch.device) -> UpdateRule:
         if device not in self._rules:
@@ -51,14 +86,20 @@ class CheckpointedOptimizer(RuleOptimizer):
         params: Iterable[Any],
         rule_for_device: Callable[[torch.device], UpdateRule],
         identity: dict[str, Any],
+        annealed: Callable[[UpdateRule], UpdateRule] = lambda rule: rule,
         **overrides: Any,
     ) -> None:
         self._rule_for_device = rule_for_device
+        self._annealed = annealed
         self.identity = identity
         super().__init__(params, rule_for_device(torch.device("cpu")), **overrides)
 
     def _base_rule(self, group: Mapping[str, Any]) -> UpdateRule:
         return self._rule_for_device(group["params"][0].device)
+
+    def _group_rule(self, group: Mapping[str, Any]) -> UpdateRule:
+        # The group's lr (a number LR schedulers scale) times the checkpoint's annealing.
+        return self._annealed(super()._group_rule(group))
 
     def state_dict(self) -> dict[str, Any]:
         saved = super().state_dict()
@@ -83,10 +124,22 @@ class LearnedOptimizer(CheckpointedOptimizer):
         params: parameters or param-group dicts.
         checkpoint: a shipped checkpoint name (``"default"``) or a checkpoint path.
         lr: multiplier on the learned step (what LR schedulers scale).
+        total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
+            schedule (see the module docstring); ignored by the others.
     """
 
     def __init__(
-        self, params: Iterable[Any], checkpoint: str | os.PathLike = "default", lr: float = 1.0
+        self,
+        params: Iterable[Any],
+        checkpoint: str | os.PathLike = "default",
+        lr: float = 1.0,
+        total_steps: int | None = None,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint)
-        super().__init__(params, self.learned.rule, {"checkpoint": self.learned.id}, lr=lr)
+        self.learned = CheckpointedRules(checkpoint, total_steps)
+        super().__init__(
+            params,
+            self.learned.rule,
+            {"checkpoint": self.learned.id},
+            self.learned.annealed,
+            lr=lr,
+        )

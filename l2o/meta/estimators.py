@@ -63,6 +63,7 @@ from l2o.meta.base import Estimate, EstimatorState, GradientEstimator
 from l2o.meta.losses import get_meta_loss
 from l2o.meta.unroll import Unroll, detach_carry, finite_losses, init_carry, unroll
 from l2o.optim.base import Params, check_hyperparameter
+from l2o.optim.schedules import Schedule, run_annealing
 from l2o.registry import Registry
 from l2o.tasks.base import Task, TaskFamily
 from l2o.validation import log_uniform, positive_int
@@ -99,6 +100,10 @@ class TruncatedEstimator(GradientEstimator):
             log-uniformly from ``[min_horizon, horizon]`` per episode, so the learned optimizer
             sees short and long trainings).
         min_horizon: the shortest ``log_uniform`` episode (default: ``truncation``).
+        update_schedule: a factor on every update over the episode's length, a name from
+            :data:`l2o.optim.schedules.RUN_ANNEALINGS` (``constant``: none; ``cosine``: from
+            1 to 0 at the episode's end). A checkpoint meta-trained with one is deployed with
+            it over the user's run length (``LearnedOptimizer(total_steps=...)``, ``l2o-eval``).
     """
 
     name: ClassVar[str] = "truncated"
@@ -117,6 +122,7 @@ class TruncatedEstimator(GradientEstimator):
         device: torch.device | str = "cpu",
         horizon_schedule: str = "constant",
         min_horizon: int | None = None,
+        update_schedule: str = "constant",
     ) -> None:
         self.population = positive_int("population", population)
         self.truncation = positive_int("truncation", truncation)
@@ -143,6 +149,8 @@ class TruncatedEstimator(GradientEstimator):
             raise ValueError(
                 f"min_horizon ({self.min_horizon}) must be <= horizon (T={self.horizon})"
             )
+        run_annealing(update_schedule, self.horizon)  # a bad name fails here
+        self.update_schedule = update_schedule
         try:
             self.meta_loss = get_meta_loss(meta_loss)
         except ValueError as err:
@@ -216,6 +224,10 @@ class TruncatedEstimator(GradientEstimator):
             return self.horizon
         drawn = round(log_uniform(generator, self.min_horizon, self.horizon))
         return min(self.horizon, max(self.min_horizon, drawn))
+
+    def _annealing(self, state: EstimatorState) -> Schedule | None:
+        """The factor on the updates of ``state``'s episode (None: constant)."""
+        return run_annealing(self.update_schedule, int(state["horizon"]))
 
     def _start_episode(
         self, meta_params: Params, episode: int, generator: torch.Generator
@@ -344,6 +356,7 @@ class TruncatedBPTT(TruncatedEstimator):
                 num_steps,
                 eval_mode=self.meta_loss.eval_mode,
                 checkpoint=self.checkpoint,
+                update_schedule=self._annealing(state),
             )
             meta_losses = self.meta_loss(result.terms)
             # A diverged member is masked out (it restarts); the others' mean is the objective.
@@ -406,7 +419,13 @@ class ES(TruncatedEstimator):
         }
 
     def _antithetic_unroll(
-        self, meta_params: Params, eps: Params, task: Task, carry, num_steps: int
+        self,
+        meta_params: Params,
+        eps: Params,
+        task: Task,
+        carry,
+        num_steps: int,
+        annealing: Schedule | None,
     ) -> tuple[Unroll, Tensor]:
         """Pair ``i``: member ``i`` runs ``theta + sigma eps_i``, ``pairs + i`` the minus side."""
         population_meta = {
@@ -421,6 +440,7 @@ class ES(TruncatedEstimator):
             population_meta_params=population_meta,
             eval_mode=self.meta_loss.eval_mode,
             compile=self.compile,
+            update_schedule=annealing,
         )
         return result, self.meta_loss(result.terms)
 
@@ -441,7 +461,9 @@ class ES(TruncatedEstimator):
         with torch.no_grad():
             eps = self._perturbations(meta_params, generator)
             both = tree_map_only(Tensor, lambda t: torch.cat([t, t]), state["carry"])
-            result, meta_losses = self._antithetic_unroll(meta_params, eps, task, both, num_steps)
+            result, meta_losses = self._antithetic_unroll(
+                meta_params, eps, task, both, num_steps, self._annealing(state)
+            )
             grads = self._antithetic_grads(meta_losses, eps)
         # Each pair goes on from its positive member's state: a trajectory under theta + sigma
         # eps, eps symmetric, so on average it is the unperturbed trajectory.
@@ -482,7 +504,7 @@ class PES(ES):
             eps = self._perturbations(meta_params, generator)
             xi = {k: a + eps[k] for k, a in state["accumulator"].items()}
             result, meta_losses = self._antithetic_unroll(
-                meta_params, eps, task, state["carry"], num_steps
+                meta_params, eps, task, state["carry"], num_steps, self._annealing(state)
             )
             grads = self._antithetic_grads(meta_losses, xi)
         return grads, {"carry": result.carry, "accumulator": xi}, result, meta_losses

@@ -160,11 +160,19 @@ def _per_member_update(factory, task: Task, meta, grads, state, params, step, ba
     )(meta, grads, state, params, step, batch)
 
 
-def _forward_inner_step(factory, task: Task, params, state, step, batch, meta):
+def scaled_updates(updates: Params, scale: Tensor | None) -> Params:
+    """Every member's updates (``[P, ...]`` each) times its factor ``scale`` (``[P]``); None
+    leaves them as they are."""
+    if scale is None:
+        return updates
+    return {k: u * scale.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1))) for k, u in updates.items()}
+
+
+def _forward_inner_step(factory, task: Task, params, state, step, batch, meta, scale=None):
     """One inner step of every member with its own meta-parameters (the ES/PES path)."""
     grads, loss = vmap(grad_and_value(task.loss))(params, batch)
     updates, state = _per_member_update(factory, task, meta, grads, state, params, step, batch)
-    return apply_updates(params, updates), state, loss
+    return apply_updates(params, scaled_updates(updates, scale)), state, loss
 
 
 #: Compiled lazily, on first use; Dynamo keeps one graph per task structure and rule factory.
@@ -181,6 +189,7 @@ def unroll(
     eval_mode: str = "none",
     checkpoint: bool = False,
     compile: bool = False,
+    update_schedule: Callable[[Tensor], Tensor] | None = None,
 ) -> Unroll:
     """Run ``num_steps`` inner steps of every member; see the module docstring.
 
@@ -198,6 +207,9 @@ def unroll(
             themselves (``needs_loss_fn`` rules that differentiate ``loss_fn``).
         compile: run each inner step as one compiled graph (see the module docstring); only
             with ``population_meta_params`` and without autograd (the ES/PES path).
+        update_schedule: a factor of each member's step index (``[P]`` int64 in, ``[P]``
+            out; e.g. :func:`l2o.optim.schedules.run_annealing` over the episode's length)
+            that multiplies its updates; the rule's state is not affected. None: no factor.
 
     Returns:
         ``Unroll(carry, losses [K, P], terms)``; ``terms.train[k]`` is the training loss after
@@ -224,14 +236,17 @@ def unroll(
         )
 
     def inner_step(params, state, step, batch, meta):
+        # The factor is computed outside the compiled graph: a schedule's length is a Python
+        # number, and a graph specialised on it would recompile for every episode length.
+        scale = None if update_schedule is None else update_schedule(step)
         if compile:
-            return _compiled_forward_inner_step(rule, task, params, state, step, batch, meta)
+            return _compiled_forward_inner_step(rule, task, params, state, step, batch, meta, scale)
         if checkpoint:
             grads, loss = _population_grads_by_autograd(task, params, batch)
         else:
             grads, loss = vmap(grad_and_value(task.loss))(params, batch)
         updates, state = update(grads, state, params, step, batch, meta)
-        return apply_updates(params, updates), state, loss
+        return apply_updates(params, scaled_updates(updates, scale)), state, loss
 
     seeds = [int(s) for s in carry["seeds"].tolist()]
     first = [int(s) for s in carry["step"].tolist()]  # one device sync per truncation

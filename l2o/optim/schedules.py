@@ -54,6 +54,7 @@ from l2o.optim.base import Step, check_hyperparameter
 from l2o.registry import Registry
 
 __all__ = [
+    "RUN_ANNEALINGS",
     "Constant",
     "Cosine",
     "CosineWarmRestarts",
@@ -67,6 +68,7 @@ __all__ = [
     "Schedule",
     "StepDecay",
     "get_schedule",
+    "run_annealing",
     "schedule_names",
 ]
 
@@ -476,3 +478,27 @@ def get_schedule(name: str, **kwargs: Any) -> Schedule:
     except TypeError as err:
         fields = ", ".join(f.name for f in dataclasses.fields(cls))
         raise ValueError(f"bad arguments for schedule {name!r} ({fields}): {err}") from None
+
+
+#: Shapes of :func:`run_annealing`: how a learned optimizer's steps are scaled over a training
+#: run of known length (``constant``: not at all).
+RUN_ANNEALINGS = ("constant", "cosine", "linear")
+
+
+def run_annealing(name: str, total_steps: int, lr: float = 1.0) -> Schedule | None:
+    """The factor that multiplies every update of a run of ``total_steps`` steps, from ``lr``
+    at step 0 to 0 at ``total_steps`` (and 0 after): ``cosine`` (:class:`Cosine`), ``linear``
+    (:class:`Polynomial` with ``power=1``), or ``constant`` (None: no schedule).
+
+    A learned optimizer meta-trained with one (``estimator.update_schedule``, over each
+    episode's drawn length) is told the length of the run it trains, as VeLO is (Metz et al.,
+    2022): it need not learn to anneal over a horizon it cannot know, which is where
+    horizon-free learned optimizers fail (they keep a constant-size step at the noise floor).
+    """
+    if name not in RUN_ANNEALINGS:
+        raise ValueError(f"update_schedule must be one of {RUN_ANNEALINGS}, got {name!r}")
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return Cosine(lr=lr, total_steps=total_steps)
+    return Polynomial(lr=lr, total_steps=total_steps, power=1.0)

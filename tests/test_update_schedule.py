@@ -1,0 +1,161 @@
+"""Checkpoints meta-trained with an update schedule (``estimator.update_schedule``) anneal over
+the user's run: in ``LearnedOptimizer``, ``GuardedLearnedOptimizer`` and ``l2o-eval``."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import l2o
+from l2o.eval.contenders import learned_contenders, rule_contender
+from l2o.learned import OrthoMLPLOpt, save_checkpoint
+from l2o.learned.checkpoint import load_checkpoint, update_schedule_of
+from l2o.optim.base import apply_updates
+from l2o.optim.schedules import Cosine, run_annealing
+
+
+def _checkpoint(tmp_path, update_schedule):
+    lopt = OrthoMLPLOpt()
+    meta = lopt.init_meta(torch.Generator().manual_seed(0))
+    config = {"estimator": {"update_schedule": update_schedule}}
+    save_checkpoint(tmp_path / update_schedule, lopt, meta, extra_card={"config": config})
+    return tmp_path / update_schedule
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 3, generator=g), torch.randn(16, 2, generator=g)
+
+
+def _train(model, opt, steps, scheduler=None):
+    x, y = _data()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _functional(model, rule, steps):
+    """The rule in a plain functional loop, the reference for the drop-in optimizer."""
+    x, y = _data()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = rule.init(params)
+    for t in range(steps):
+        leaves = {k: v.requires_grad_() for k, v in params.items()}
+        out = torch.func.functional_call(model, leaves, (x,))
+        grads = torch.autograd.grad(torch.nn.functional.mse_loss(out, y), list(leaves.values()))
+        updates, state = rule.update(dict(zip(leaves, grads)), state, params, step=t)
+        params = {k: v.detach() for k, v in apply_updates(params, updates).items()}
+    return params
+
+
+def test_the_card_says_how_the_checkpoint_was_annealed(tmp_path):
+    assert update_schedule_of({}) == "constant"
+    assert update_schedule_of({"config": {"estimator": {"horizon": 5}}}) == "constant"
+    _, _, card = load_checkpoint(_checkpoint(tmp_path, "cosine"))
+    assert update_schedule_of(card) == "cosine"
+
+
+def test_an_annealed_checkpoint_needs_total_steps_and_anneals_over_them(tmp_path):
+    path = _checkpoint(tmp_path, "cosine")
+    model = _model()
+    with pytest.raises(ValueError, match="pass total_steps="):
+        l2o.LearnedOptimizer(model.parameters(), checkpoint=path)
+    with pytest.raises(ValueError, match="total_steps"):
+        l2o.LearnedOptimizer(model.parameters(), checkpoint=path, total_steps=0)
+    lopt, meta, _ = load_checkpoint(path)
+    expected = _functional(
+        copy.deepcopy(model), lopt.rule(meta, lr=Cosine(lr=0.5, total_steps=6)), 4
+    )
+    ours = copy.deepcopy(model)
+    opt = l2o.LearnedOptimizer(ours.parameters(), checkpoint=path, lr=0.5, total_steps=6)
+    _train(ours, opt, 4)
+    for (k, p), q in zip(ours.named_parameters(), expected.values()):
+        torch.testing.assert_close(p.detach(), q, msg=k)
+    assert opt.param_groups[0]["lr"] == 0.5  # a number, for LR schedulers and state_dict
+
+    # Steps from total_steps on move nothing; the state still round-trips weights-only.
+    _train(ours, opt, 2)
+    frozen = [p.detach().clone() for p in ours.parameters()]
+    _train(ours, opt, 2)
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), frozen))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    again = l2o.LearnedOptimizer(ours.parameters(), checkpoint=path, total_steps=6)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+
+
+def test_an_lr_scheduler_still_multiplies_the_annealed_step(tmp_path):
+    path = _checkpoint(tmp_path, "linear")
+    lopt, meta, _ = load_checkpoint(path)
+    model = _model()
+    ours = copy.deepcopy(model)
+    opt = l2o.LearnedOptimizer(ours.parameters(), checkpoint=path, total_steps=5)
+    # A constant factor of 0.5 from a torch scheduler, on top of the linear annealing.
+    scheduler = torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=100)
+    _train(ours, opt, 3, scheduler)
+    expected = _functional(
+        copy.deepcopy(model), lopt.rule(meta, lr=run_annealing("linear", 5, 0.5)), 3
+    )
+    for p, q in zip(ours.parameters(), expected.values()):
+        torch.testing.assert_close(p.detach(), q)
+
+
+def test_a_constant_checkpoint_ignores_total_steps(tmp_path):
+    path = _checkpoint(tmp_path, "constant")
+    model = _model()
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    _train(a, l2o.LearnedOptimizer(a.parameters(), checkpoint=path), 3)
+    _train(b, l2o.LearnedOptimizer(b.parameters(), checkpoint=path, total_steps=3), 3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_the_guard_anneals_the_learned_candidate_not_the_fallback(tmp_path):
+    path = _checkpoint(tmp_path, "cosine")
+    model = _model()
+    x, y = _data()
+    with pytest.raises(ValueError, match="pass total_steps="):
+        l2o.GuardedLearnedOptimizer(model.parameters(), checkpoint=path)
+    opt = l2o.GuardedLearnedOptimizer(model.parameters(), checkpoint=path, total_steps=3)
+    rule = opt._group_rule(opt.param_groups[0])
+    assert rule.lr == Cosine(lr=1.0, total_steps=3)
+    assert rule.fallback == l2o.optim.get("adam")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        assert math.isfinite(float(opt.step(closure).detach()))
+
+
+def test_l2o_eval_builds_an_annealed_checkpoint_over_each_entrys_horizon(tmp_path):
+    fallback = rule_contender("adam")
+    annealed, guarded = learned_contenders(
+        str(_checkpoint(tmp_path, "cosine")), guarded=True, unguarded=True, fallback=fallback
+    )
+    assert annealed.spec()["update_schedule"] == "cosine"
+    assert annealed.build(horizon=40).lr == Cosine(lr=1.0, total_steps=40)
+    assert guarded.build(1e-3, horizon=40).lr == 1.0  # the learned side carries the factor
+    assert guarded.build(1e-3, horizon=40).learned.lr == Cosine(lr=1.0, total_steps=40)
+    with pytest.raises(ValueError, match="horizon"):
+        annealed.build()
+    (constant,) = learned_contenders(
+        str(_checkpoint(tmp_path, "constant")), guarded=False, unguarded=True, fallback=fallback
+    )
+    assert "update_schedule" not in constant.spec()  # earlier cells keep their keys
+    assert constant.build(horizon=40).lr == 1.0
