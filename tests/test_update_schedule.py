@@ -159,3 +159,20 @@ def test_l2o_eval_builds_an_annealed_checkpoint_over_each_entrys_horizon(tmp_pat
     )
     assert "update_schedule" not in constant.spec()  # earlier cells keep their keys
     assert constant.build(horizon=40).lr == 1.0
+
+
+def test_a_baseline_can_anneal_its_tuned_lr_over_each_run():
+    from l2o.eval.contenders import ContenderError
+
+    adam = rule_contender("adam", update_schedule="cosine")
+    assert adam.name == "adam+cosine" and adam.spec()["update_schedule"] == "cosine"
+    assert adam.build(3e-3, 50).lr == Cosine(lr=3e-3, total_steps=50)
+    # The lr grid search vmaps over the lr as a tensor: the schedule keeps it per member.
+    lrs = torch.tensor([1e-3, 1e-2])
+    factors = torch.vmap(lambda lr: adam.build(lr, 10).lr(torch.tensor(5)))(lrs)
+    torch.testing.assert_close(factors, lrs.double() * 0.5, rtol=1e-6, atol=0)
+    assert "update_schedule" not in rule_contender("adam").spec()
+    with pytest.raises(ContenderError, match="update_schedule must be one of"):
+        rule_contender("adam", update_schedule="exponential")
+    with pytest.raises(ValueError, match="give lr and horizon"):
+        adam.build(3e-3)

@@ -201,11 +201,13 @@ def _baseline(item: Any, key: str):
     if isinstance(item, str):
         return rule_contender(item)
     if isinstance(item, DictConfig) and "name" in item:
-        extra = set(item) - {"name", "hparams"}
+        extra = set(item) - {"name", "hparams", "update_schedule"}
         if extra:
-            raise ConfigError(key, f"unknown keys {sorted(extra)}", "use {name, hparams}")
+            raise ConfigError(
+                key, f"unknown keys {sorted(extra)}", "use {name, hparams, update_schedule}"
+            )
         hparams = _container(item.get("hparams"))
-        return rule_contender(item.name, hparams)
+        return rule_contender(item.name, hparams, str(item.get("update_schedule", "constant")))
     raise ConfigError(key, f"must be a registered name or {{name, hparams}}, got {item!r}")
 
 

@@ -72,19 +72,31 @@ class RuleContender(Contender):
 
     rule: str = "adam"
     hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Its lr annealed over each run's horizon (:func:`~l2o.optim.schedules.run_annealing`),
+    #: to compare with learned optimizers that anneal so.
+    update_schedule: str = "constant"
 
     @property
     def tunes_lr(self) -> bool:
         return "lr" in registry._entry(self.rule).rule_cls.hyperparameter_names()
 
-    def build(self, lr: float | torch.Tensor | None = None) -> UpdateRule:
+    def build(
+        self, lr: float | torch.Tensor | None = None, horizon: int | None = None
+    ) -> UpdateRule:
         hparams = dict(self.hparams)
         if lr is not None:
             hparams["lr"] = lr
+        if self.update_schedule != "constant":
+            if horizon is None or lr is None:
+                raise ValueError(f"{self.name} anneals its lr over the run: give lr and horizon")
+            hparams["lr"] = run_annealing(self.update_schedule, horizon, lr)
         return registry.get(self.rule, **hparams)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "rule", "rule": self.rule, "hparams": dict(self.hparams)}
+        spec = {"kind": "rule", "rule": self.rule, "hparams": dict(self.hparams)}
+        if self.update_schedule != "constant":  # (constant rules' cells keep their keys)
+            spec["update_schedule"] = self.update_schedule
+        return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,12 +187,17 @@ class TorchContender(Contender):
 
 
 def rule_contender(
-    rule: str, hparams: Mapping[str, Any] | None = None
+    rule: str, hparams: Mapping[str, Any] | None = None, update_schedule: str = "constant"
 ) -> RuleContender | TorchContender:
     """A registered rule; unknown names and hyper-parameters raise :class:`ContenderError`. A
     rule that cannot run under vmap (L-BFGS) comes back as its ``torch.optim`` class, run in the
-    plain training loop."""
+    plain training loop. ``update_schedule``: its tuned lr annealed over each run (labelled
+    ``<rule>+<schedule>``)."""
     hparams = dict(hparams or {})
+    try:
+        run_annealing(update_schedule, 1)
+    except ValueError as err:
+        raise ContenderError(f"optimizer {rule!r}: {err}") from None
     try:
         entry = registry._entry(rule)
     except ValueError as err:
@@ -206,6 +223,12 @@ def rule_contender(
             "as a function of the parameters only"
         )
     label = rule + "".join(f",{k}={v}" for k, v in sorted(hparams.items()))
+    if update_schedule != "constant":
+        if not entry.rule_cls.vmappable or "lr" not in known:
+            raise ContenderError(
+                f"optimizer {rule!r}: update_schedule needs a vmappable rule with an lr"
+            )
+        return RuleContender(f"{label}+{update_schedule}", rule, hparams, update_schedule)
     if not entry.rule_cls.vmappable:
         return TorchContender(label, f"l2o.optim.registry:{rule}", entry.optimizer_cls, hparams)
     return RuleContender(label, rule, hparams)

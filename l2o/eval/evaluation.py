@@ -142,7 +142,7 @@ def _tune(c: Contender, entry: SuiteEntry, settings: Settings, store: CellStore)
         start = time.perf_counter()
         if isinstance(c, RuleContender):
             curves = run_rule_grid(
-                lambda meta: c.build(meta["lr"]),
+                lambda meta: c.build(meta["lr"], entry.horizon),
                 settings.grid,
                 entry.task,
                 seeds,
@@ -202,7 +202,7 @@ def _run(
     elif isinstance(c, LearnedContender):
         run = run_rule(c.build(device, horizon), entry.task, seeds, horizon, device=device)
     else:
-        run = run_rule(c.build(lr), entry.task, seeds, horizon, device=device)
+        run = run_rule(c.build(lr, horizon), entry.task, seeds, horizon, device=device)
     tensors = {
         "curves": run.curves,
         "eval_losses": run.eval_losses,
