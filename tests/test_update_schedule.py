@@ -176,3 +176,35 @@ def test_a_baseline_can_anneal_its_tuned_lr_over_each_run():
         rule_contender("adam", update_schedule="exponential")
     with pytest.raises(ValueError, match="give lr and horizon"):
         adam.build(3e-3)
+
+
+def test_l2o_eval_can_anneal_a_checkpoint_otherwise_than_its_card(tmp_path):
+    from omegaconf import OmegaConf
+
+    from l2o.cli.eval import ConfigError, _checkpoint_item
+    from l2o.eval.contenders import ContenderError
+
+    path = str(_checkpoint(tmp_path, "constant"))
+    fallback = rule_contender("adam")
+    (plain,) = learned_contenders(path, guarded=False, unguarded=True, fallback=fallback)
+    (annealed,) = learned_contenders(
+        path, guarded=False, unguarded=True, fallback=fallback, update_schedule="cosine"
+    )
+    assert annealed.name == f"{plain.name}+cosine" and annealed.spec() != plain.spec()
+    assert annealed.build(horizon=30).lr == Cosine(lr=1.0, total_steps=30)
+    (same,) = learned_contenders(  # what the card says already: no new label
+        path, guarded=False, unguarded=True, fallback=fallback, update_schedule="constant"
+    )
+    assert same.name == plain.name and same.spec() == plain.spec()
+    with pytest.raises(ContenderError, match="update_schedule must be one of"):
+        learned_contenders(
+            path, guarded=False, unguarded=True, fallback=fallback, update_schedule="x"
+        )
+
+    item = OmegaConf.create({"checkpoint": path, "update_schedule": "cosine"})
+    assert _checkpoint_item(item, "checkpoints.0") == (path, "cosine")
+    assert _checkpoint_item("default", "checkpoints.0") == ("default", None)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        _checkpoint_item(OmegaConf.create({"checkpoint": path, "lr": 1}), "checkpoints.0")
+    with pytest.raises(ConfigError, match="names no checkpoint"):
+        _checkpoint_item(OmegaConf.create({"update_schedule": "cosine"}), "checkpoints.0")

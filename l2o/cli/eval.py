@@ -195,6 +195,21 @@ def _container(node: Any) -> dict:
     raise ConfigError("config", f"expected a mapping, got {node!r}")
 
 
+def _checkpoint_item(item: Any, key: str) -> tuple[str, str | None]:
+    """A checkpoint name or path, or ``{checkpoint: <name or path>, update_schedule: cosine}``."""
+    if isinstance(item, DictConfig):
+        extra = set(item) - {"checkpoint", "update_schedule"}
+        if extra:
+            raise ConfigError(
+                key, f"unknown keys {sorted(extra)}", "use {checkpoint, update_schedule}"
+            )
+        if "checkpoint" not in item:
+            raise ConfigError(key, "names no checkpoint", "use {checkpoint, update_schedule}")
+        schedule = item.get("update_schedule")
+        return str(item.checkpoint), None if schedule is None else str(schedule)
+    return str(item), None
+
+
 def _baseline(item: Any, key: str):
     from l2o.eval.contenders import rule_contender
 
@@ -244,14 +259,16 @@ def _contenders(cfg: DictConfig):
         fallback = rule_contender(cfg.guard.fallback, _container(cfg.guard.get("fallback_hparams")))
         fallback = _vmappable(fallback, current)
         out = []
-        for i, checkpoint in enumerate(_names(cfg, "checkpoints")):
+        for i, item in enumerate(_names(cfg, "checkpoints")):
             current = f"checkpoints.{i}"
+            checkpoint, schedule = _checkpoint_item(item, current)
             out += learned_contenders(
-                str(checkpoint),
+                checkpoint,
                 guarded=bool(cfg.guard.guarded),
                 unguarded=bool(cfg.guard.unguarded),
                 fallback=fallback,
                 compare_every=int(cfg.guard.compare_every),
+                update_schedule=schedule,
             )
         for i, item in enumerate(_names(cfg, "baselines")):
             current = f"baselines.{i}"

@@ -109,12 +109,14 @@ class LearnedContender(Contender):
     lopt: Any = None
     meta_params: Params = dataclasses.field(default_factory=dict, repr=False)
     card: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    #: Anneal over each run as this says instead of as the card does (None: as the card).
+    schedule_override: str | None = None
 
     @property
     def update_schedule(self) -> str:
         from l2o.learned.checkpoint import update_schedule_of
 
-        return update_schedule_of(self.card)
+        return self.schedule_override or update_schedule_of(self.card)
 
     def build(self, device: torch.device | str = "cpu", horizon: int | None = None) -> UpdateRule:
         meta = {k: v.to(device) for k, v in self.meta_params.items()}
@@ -291,16 +293,34 @@ def learned_contenders(
     unguarded: bool,
     fallback: RuleContender,
     compare_every: int = 1,
+    update_schedule: str | None = None,
 ) -> list[Contender]:
-    """The checkpoint (shipped name or path) alone and/or under the guard."""
-    from l2o.learned.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+    """The checkpoint (shipped name or path) alone and/or under the guard; ``update_schedule``
+    anneals it over each run otherwise than its card says (labelled ``<name>+<schedule>``),
+    e.g. to try a checkpoint meta-trained without annealing with a cosine over the run."""
+    from l2o.learned.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        resolve_checkpoint,
+        update_schedule_of,
+    )
 
     try:
         lopt, meta_params, card = load_checkpoint(resolve_checkpoint(checkpoint))
     except CheckpointError as err:
         raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
     label = str(checkpoint) if "/" not in str(checkpoint) else card["id"]
-    learned = LearnedContender(label, str(checkpoint), card["id"], lopt, meta_params, card)
+    if update_schedule is not None and update_schedule != update_schedule_of(card):
+        try:
+            run_annealing(update_schedule, 1)
+        except ValueError as err:
+            raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
+        label = f"{label}+{update_schedule}"
+    else:
+        update_schedule = None
+    learned = LearnedContender(
+        label, str(checkpoint), card["id"], lopt, meta_params, card, update_schedule
+    )
     out: list[Contender] = [learned] if unguarded else []
     if guarded:
         out.append(
