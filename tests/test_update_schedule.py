@@ -208,3 +208,15 @@ def test_l2o_eval_can_anneal_a_checkpoint_otherwise_than_its_card(tmp_path):
         _checkpoint_item(OmegaConf.create({"checkpoint": path, "lr": 1}), "checkpoints.0")
     with pytest.raises(ConfigError, match="names no checkpoint"):
         _checkpoint_item(OmegaConf.create({"update_schedule": "cosine"}), "checkpoints.0")
+
+
+def test_a_card_naming_an_unknown_update_schedule_fails_before_any_work(tmp_path):
+    from l2o.eval.contenders import ContenderError
+
+    path = _checkpoint(tmp_path, "sawtooth")
+    with pytest.raises(ContenderError, match="update_schedule must be one of"):
+        learned_contenders(
+            str(path), guarded=False, unguarded=True, fallback=rule_contender("adam")
+        )
+    with pytest.raises(ValueError, match="update_schedule must be one of"):
+        l2o.LearnedOptimizer(_model().parameters(), checkpoint=path, total_steps=10)

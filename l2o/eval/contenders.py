@@ -310,11 +310,12 @@ def learned_contenders(
     except CheckpointError as err:
         raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
     label = str(checkpoint) if "/" not in str(checkpoint) else card["id"]
-    if update_schedule is not None and update_schedule != update_schedule_of(card):
+    for name in (update_schedule_of(card), update_schedule):  # a bad name fails before any cell
         try:
-            run_annealing(update_schedule, 1)
+            run_annealing(name or "constant", 1)
         except ValueError as err:
             raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
+    if update_schedule is not None and update_schedule != update_schedule_of(card):
         label = f"{label}+{update_schedule}"
     else:
         update_schedule = None
