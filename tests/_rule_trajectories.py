@@ -4,6 +4,8 @@ differentiable unrolled loss for meta-gradients."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.func import vmap
 
@@ -48,6 +50,39 @@ def unrolled_loss(rule_update, rule, params, steps: int = 4):
         updates, state = rule_update(grads, state, params, step=t)
         params = {k: params[k] + updates[k] for k in params}
     return total
+
+
+def assert_fused_trajectory_equals_reference(reference, fused, shapes, *, rtol, atol_scale):
+    """A few steps of ``fused.fused_update`` against ``reference.reference_update`` on one
+    seeded tensor of each shape: updates to ``rtol`` and ``atol_scale`` times the largest
+    reference update, accumulators exactly (the same elementwise ops)."""
+    g = torch.Generator().manual_seed(1)
+    params = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    expected = trajectory(reference.reference_update, reference, params)
+    got = trajectory(fused.fused_update, fused, params)
+    for (u_ref, s_ref), (u_fused, s_fused) in zip(expected, got, strict=True):
+        assert_trees_close(u_fused, u_ref, rtol=rtol, atol=atol_scale * max_abs(u_ref))
+        assert_trees_close(s_fused, s_ref, rtol=0, atol=0)
+
+
+def fused_and_reference_meta_gradients(lopt, lr: float):
+    """``(names, reference, fused)``: the meta-gradients of :func:`unrolled_loss` in float64
+    through ``reference_update`` and ``fused_update`` of ``lopt``'s rule at initialisation,
+    on a matrix, a conv kernel and a vector, with blocks (``chunk_size=10``) smaller than each."""
+    meta = {
+        k: v.double().requires_grad_()
+        for k, v in lopt.init_meta(torch.Generator().manual_seed(0)).items()
+    }
+    g = torch.Generator().manual_seed(3)
+    params = {
+        "w": torch.randn(7, 6, generator=g, dtype=torch.float64),
+        "conv": torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64),
+        "b": torch.randn(13, generator=g, dtype=torch.float64),
+    }
+    rule = dataclasses.replace(lopt.rule(meta, lr=lr), chunk_size=10)
+    ref = torch.autograd.grad(unrolled_loss(rule.reference_update, rule, params), meta.values())
+    fused = torch.autograd.grad(unrolled_loss(rule.fused_update, rule, params), meta.values())
+    return list(meta), ref, fused
 
 
 def _stack(trees: list[dict]) -> dict:

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 from _rule_trajectories import (
+    assert_fused_trajectory_equals_reference,
     assert_trees_close,
     assert_vmapped_update_equals_loop,
+    fused_and_reference_meta_gradients,
     max_abs,
     shapes_sent_to,
-    trajectory,
-    unrolled_loss,
 )
 
 from l2o.learned import MLPLOpt
@@ -35,14 +35,8 @@ def rules(lopt: MLPLOpt, meta, block_size: int):
 def test_fused_step_equals_the_reference_on_tensors_of_every_shape(block_size, learn_decays):
     lopt = MLPLOpt(learn_decays=learn_decays)
     meta = lopt.init_meta(torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(1)
-    params = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
     reference, fused = rules(lopt, meta, block_size)
-    expected = trajectory(reference.reference_update, reference, params)
-    got = trajectory(fused.fused_update, fused, params)
-    for (u_ref, s_ref), (u_fused, s_fused) in zip(expected, got, strict=True):
-        assert_trees_close(u_fused, u_ref, rtol=1e-5, atol=1e-6 * max_abs(u_ref))
-        assert_trees_close(s_fused, s_ref, rtol=0, atol=0)  # the same accumulator ops
+    assert_fused_trajectory_equals_reference(reference, fused, SHAPES, rtol=1e-5, atol_scale=1e-6)
 
 
 def test_update_takes_the_fused_path_only_above_the_block_size(monkeypatch):
@@ -82,21 +76,7 @@ def test_fused_step_vmaps_over_a_population_like_a_python_loop():
 
 
 def test_meta_gradients_through_the_fused_step_equal_the_reference():
-    lopt = MLPLOpt()
-    meta = {
-        k: v.double().requires_grad_()
-        for k, v in lopt.init_meta(torch.Generator().manual_seed(0)).items()
-    }
-    g = torch.Generator().manual_seed(3)
-    params = {
-        "w": torch.randn(7, 6, generator=g, dtype=torch.float64),
-        "conv": torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64),
-        "b": torch.randn(13, generator=g, dtype=torch.float64),
-    }
-    rule = dataclasses.replace(lopt.rule(meta, lr=300.0), chunk_size=10)
-    names = list(meta)
-    ref = torch.autograd.grad(unrolled_loss(rule.reference_update, rule, params), meta.values())
-    fused = torch.autograd.grad(unrolled_loss(rule.fused_update, rule, params), meta.values())
+    names, ref, fused = fused_and_reference_meta_gradients(MLPLOpt(), lr=300.0)
     assert any(float(r.abs().max()) > 0 for r in ref)
     for name, r, f in zip(names, ref, fused, strict=True):
         torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-12, msg=name)
