@@ -30,7 +30,7 @@ import torch
 from l2o.guard import GuardRule
 from l2o.optim import registry
 from l2o.optim.base import Params, UpdateRule
-from l2o.optim.schedules import run_annealing
+from l2o.optim.schedules import check_update_schedule, run_annealing
 from l2o.registry import did_you_mean, unknown_keyword
 
 __all__ = [
@@ -197,7 +197,7 @@ def rule_contender(
     ``<rule>+<schedule>``)."""
     hparams = dict(hparams or {})
     try:
-        run_annealing(update_schedule, 1)
+        check_update_schedule(update_schedule)
     except ValueError as err:
         raise ContenderError(f"optimizer {rule!r}: {err}") from None
     try:
@@ -310,17 +310,17 @@ def learned_contenders(
     except CheckpointError as err:
         raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
     label = str(checkpoint) if "/" not in str(checkpoint) else card["id"]
-    for name in (update_schedule_of(card), update_schedule):  # a bad name fails before any cell
-        try:
-            run_annealing(name or "constant", 1)
-        except ValueError as err:
-            raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
-    if update_schedule is not None and update_schedule != update_schedule_of(card):
-        label = f"{label}+{update_schedule}"
-    else:
-        update_schedule = None
+    try:  # a bad name, in the card or the config, fails before any cell runs
+        trained_with = check_update_schedule(update_schedule_of(card))
+        override = None if update_schedule is None else check_update_schedule(update_schedule)
+    except ValueError as err:
+        raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
+    if override == trained_with:
+        override = None
+    if override is not None:
+        label = f"{label}+{override}"
     learned = LearnedContender(
-        label, str(checkpoint), card["id"], lopt, meta_params, card, update_schedule
+        label, str(checkpoint), card["id"], lopt, meta_params, card, override
     )
     out: list[Contender] = [learned] if unguarded else []
     if guarded:

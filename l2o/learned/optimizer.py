@@ -32,7 +32,7 @@ from l2o.learned.checkpoint import (
 )
 from l2o.optim.adapter import RuleOptimizer
 from l2o.optim.base import Params, UpdateRule
-from l2o.optim.schedules import run_annealing
+from l2o.optim.schedules import check_update_schedule, run_annealing
 from l2o.validation import positive_int
 
 #: Key of the extra entry these classes add to ``state_dict``.
@@ -49,7 +49,7 @@ class CheckpointedRules:
         self.path = resolve_checkpoint(checkpoint)
         self.lopt, self.meta_params, self.card = load_checkpoint(self.path)
         self.id = checkpoint_id(self.card)
-        self.update_schedule = update_schedule_of(self.card)
+        self.update_schedule = check_update_schedule(update_schedule_of(self.card))
         if self.update_schedule == "constant":
             self.total_steps = None
         elif total_steps is None:

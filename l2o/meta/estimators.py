@@ -63,7 +63,7 @@ from l2o.meta.base import Estimate, EstimatorState, GradientEstimator
 from l2o.meta.losses import get_meta_loss
 from l2o.meta.unroll import Unroll, detach_carry, finite_losses, init_carry, unroll
 from l2o.optim.base import Params, check_hyperparameter
-from l2o.optim.schedules import Schedule, run_annealing
+from l2o.optim.schedules import Schedule, check_update_schedule, run_annealing
 from l2o.registry import Registry
 from l2o.tasks.base import Task, TaskFamily
 from l2o.validation import log_uniform, positive_int
@@ -149,8 +149,7 @@ class TruncatedEstimator(GradientEstimator):
             raise ValueError(
                 f"min_horizon ({self.min_horizon}) must be <= horizon (T={self.horizon})"
             )
-        run_annealing(update_schedule, self.horizon)  # a bad name fails here
-        self.update_schedule = update_schedule
+        self.update_schedule = check_update_schedule(update_schedule)
         try:
             self.meta_loss = get_meta_loss(meta_loss)
         except ValueError as err:

@@ -67,6 +67,7 @@ __all__ = [
     "Polynomial",
     "Schedule",
     "StepDecay",
+    "check_update_schedule",
     "get_schedule",
     "run_annealing",
     "schedule_names",
@@ -485,6 +486,13 @@ def get_schedule(name: str, **kwargs: Any) -> Schedule:
 RUN_ANNEALINGS = ("constant", "cosine", "linear")
 
 
+def check_update_schedule(name: str) -> str:
+    """``name`` if it is one of :data:`RUN_ANNEALINGS`, else ``ValueError`` naming the key."""
+    if name not in RUN_ANNEALINGS:
+        raise ValueError(f"update_schedule must be one of {RUN_ANNEALINGS}, got {name!r}")
+    return name
+
+
 def run_annealing(name: str, total_steps: int, lr: float = 1.0) -> Schedule | None:
     """The factor that multiplies every update of a run of ``total_steps`` steps, from ``lr``
     at step 0 to 0 at ``total_steps`` (and 0 after): ``cosine`` (:class:`Cosine`), ``linear``
@@ -495,9 +503,7 @@ def run_annealing(name: str, total_steps: int, lr: float = 1.0) -> Schedule | No
     2022): it need not learn to anneal over a horizon it cannot know, which is where
     horizon-free learned optimizers fail (they keep a constant-size step at the noise floor).
     """
-    if name not in RUN_ANNEALINGS:
-        raise ValueError(f"update_schedule must be one of {RUN_ANNEALINGS}, got {name!r}")
-    if name == "constant":
+    if check_update_schedule(name) == "constant":
         return None
     if name == "cosine":
         return Cosine(lr=lr, total_steps=total_steps)
