@@ -1,7 +1,8 @@
 """Inner task-steps per second of meta-training unrolls, every ratio measured in one run.
 
 Configuration (the performance issue's): an MLP 40-32-32-10 on MNIST-1D, batch 64, truncation
-K=20, the shipped ``default`` learned optimizer inside, populations P. Paths:
+K=20, the shipped ``mlp_2x32`` learned optimizer inside (the default until 2026-12-02; the JAX
+port implements its architecture), populations P. Paths:
 
 * ``forward``: ``l2o.meta.unroll.unroll`` as ES/PES run it (per-member meta-parameters, no
   autograd), eager;
@@ -48,7 +49,7 @@ class Setup:
     """The shipped learned optimizer and the task on ``device``, a population of P members."""
 
     def __init__(self, device: torch.device, population: int, steps: int) -> None:
-        lopt, meta, _ = load_checkpoint(resolve_checkpoint("default"))
+        lopt, meta, _ = load_checkpoint(resolve_checkpoint("mlp_2x32"))
         self.lopt, self.device, self.steps = lopt, device, steps
         self.meta = {k: v.to(device) for k, v in meta.items()}
         self.task = get_task("mlp", dataset="mnist1d", width=32, depth=2, batch_size=64)
@@ -165,7 +166,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"MLP 40-32-32-10 on MNIST-1D, batch 64, K={args.steps}, learned optimizer: default; "
+        f"MLP 40-32-32-10 on MNIST-1D, batch 64, K={args.steps}, learned optimizer: mlp_2x32; "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n"
     )
     print("| device | P | path | inner steps/s | ratio to eager forward | warm-up s |")

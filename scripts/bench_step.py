@@ -301,7 +301,7 @@ def bench_train_step(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, nargs="+", default=[1e5, 1e6, 1e7])
-    parser.add_argument("--checkpoints", nargs="+", default=["default", "ortho_mlp"])
+    parser.add_argument("--checkpoints", nargs="+", default=["mlp_2x32", "ortho_mlp"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--train-width", type=int, default=256)

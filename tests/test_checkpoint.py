@@ -396,16 +396,43 @@ def test_resolve_maps_bare_names_to_shipped_checkpoints(tmp_path, monkeypatch):
     shipped = tmp_path / "checkpoints"
     shipped.mkdir()
     monkeypatch.setattr(ckpt, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(ckpt, "SHIPPED_ALIASES", {"default": "b"})
     lopt = LSTMLOpt(hidden_size=3)
-    save_checkpoint(shipped / "default", lopt, trained(lopt))
-    assert shipped_checkpoints() == ("default",)
-    assert resolve_checkpoint("default") == shipped / "default"
-    assert load_checkpoint(resolve_checkpoint("default"))[0].config() == lopt.config()
-    with pytest.raises(CheckpointError, match=r"no shipped checkpoint named 'nope'.*default"):
+    save_checkpoint(shipped / "a", lopt, trained(lopt))
+    assert shipped_checkpoints() == ("a",)  # an alias is listed only when its target is shipped
+    with pytest.raises(CheckpointError, match=r"no shipped checkpoint named 'default'.*a"):
+        resolve_checkpoint("default")
+    assert resolve_checkpoint("a") == shipped / "a"
+    assert load_checkpoint(resolve_checkpoint("a"))[0].config() == lopt.config()
+    with pytest.raises(CheckpointError, match=r"no shipped checkpoint named 'nope'.*a"):
         resolve_checkpoint("nope")
     assert resolve_checkpoint("./nope") == Path("./nope")
     assert resolve_checkpoint(tmp_path / "x.json") == tmp_path / "x.json"
     assert resolve_checkpoint("runs/a/lopt") == Path("runs/a/lopt")
+
+
+def test_an_alias_resolves_to_its_target_even_beside_a_file_of_its_name(tmp_path, monkeypatch):
+    shipped = tmp_path / "checkpoints"
+    shipped.mkdir()
+    monkeypatch.setattr(ckpt, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(ckpt, "SHIPPED_ALIASES", {"default": "b"})
+    lopt = LSTMLOpt(hidden_size=3)
+    save_checkpoint(shipped / "b", lopt, trained(lopt, seed=1))
+    save_checkpoint(shipped / "default", lopt, trained(lopt, seed=2))  # a stale old default
+    assert shipped_checkpoints() == ("b", "default")
+    assert resolve_checkpoint("default") == shipped / "b"
+    identity = load_checkpoint(shipped / "b")[2]["id"]
+    assert ckpt.shipped_names_of(identity) == ("b", "default")
+    assert ckpt.shipped_names_of(load_checkpoint(shipped / "default")[2]["id"]) == ("default",)
+    assert ckpt.shipped_names_of("lstm-000000000000") == ()
+
+
+def test_the_default_is_ortho_mlp_and_the_previous_default_is_shipped_as_mlp_2x32():
+    assert {"default", "mlp_2x32", "ortho_mlp"} <= set(shipped_checkpoints())
+    assert resolve_checkpoint("default") == ckpt.SHIPPED_DIR / "ortho_mlp"
+    _, _, card = load_checkpoint(resolve_checkpoint("mlp_2x32"))
+    assert card["id"] == "mlp-6676045c48f7"  # the old default's identity, unchanged
+    assert ckpt.shipped_names_of(card["id"]) == ("mlp_2x32",)
 
 
 def test_shipped_checkpoint_folder_is_next_to_the_package():

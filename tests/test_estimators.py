@@ -8,7 +8,7 @@ import torch
 from _meta_fixtures import MomentumLOpt, Quadratic, QuadraticFamily
 
 from l2o.meta.base import GradientEstimator
-from l2o.meta.estimators import ES, PES, TruncatedBPTT, get_estimator
+from l2o.meta.estimators import ES, PES, TruncatedBPTT, get_estimator, median_episode_length
 from l2o.meta.losses import META_LOSSES, get_meta_loss
 from l2o.meta.unroll import init_carry, unroll
 
@@ -235,6 +235,38 @@ def test_log_uniform_horizons_stay_in_range_and_vary():
     short = sum(h < 8 for h in horizons)
     long = sum(h >= 16 for h in horizons)
     assert 0.6 < short / long < 1.6
+
+
+@pytest.mark.parametrize(
+    ("truncation", "min_horizon", "horizon"), [(4, None, 100), (20, 100, 1000)]
+)
+def test_median_episode_length_is_the_median_of_the_estimators_own_draws(
+    truncation, min_horizon, horizon
+):
+    lopt = MomentumLOpt()
+    config = dict(truncation=truncation, horizon=horizon, horizon_schedule="log_uniform")
+    if min_horizon is not None:
+        config["min_horizon"] = min_horizon
+    est = TruncatedBPTT(lopt, Quadratic(), population=1, **config)
+    meta, g = _meta(lopt), _gen()
+    drawn = torch.tensor([float(est.init(meta, g)["horizon"]) for _ in range(2000)])
+    median = median_episode_length(config)
+    assert median == round(math.sqrt((min_horizon or truncation) * horizon))
+    # The empirical median of 2,000 draws is within a few percent of the formula's.
+    assert abs(float(drawn.median()) / median - 1) < 0.06
+
+
+def test_median_episode_length_of_constant_and_unreadable_configs():
+    assert median_episode_length({"horizon": 200, "truncation": 100}) == 200
+    assert median_episode_length({"horizon": 200, "horizon_schedule": "constant"}) == 200
+    assert median_episode_length({}) is None
+    assert median_episode_length({"horizon": "200"}) is None
+    assert median_episode_length({"horizon": 200, "horizon_schedule": "cubic"}) is None
+    assert median_episode_length({"horizon": 10, "horizon_schedule": "log_uniform"}) is None
+    assert (
+        median_episode_length({"horizon": 10, "horizon_schedule": "log_uniform", "min_horizon": 20})
+        is None
+    )
 
 
 def test_a_task_family_is_resampled_per_episode_and_rebuilt_from_its_seed():

@@ -422,6 +422,22 @@ def test_unknown_names_fail_before_any_work(tmp_path, override, key, named):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("checkpoint", "horizon"), [("default", 316), ("mlp_2x32", 200)])
+def test_the_horizon_is_the_first_checkpoints_median_meta_training_episode(
+    tmp_path, checkpoint, horizon
+):
+    """ortho_mlp (the default) was meta-trained on episodes of 100 to 1,000 steps drawn
+    log-uniformly (median 316); mlp_2x32 on 200-step episodes."""
+    cfg = compose_eval_config(
+        f"checkpoints=[{checkpoint}]", "wandb.mode=disabled", f"run_dir={tmp_path / 'run'}"
+    )
+    plan = build_plan(cfg)
+    assert plan["horizon"] == horizon
+    (in_distribution,) = plan["suites"]  # the default suite
+    assert {entry.horizon for entry in in_distribution} == {horizon}
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_command_reports_one_line_and_creates_nothing(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(

@@ -271,6 +271,19 @@ def test_dropin_state_from_another_checkpoint_is_refused(kind, checkpoint, other
         other.load_state_dict(opt.state_dict())
 
 
+@pytest.mark.parametrize("kind", ["learned", "guarded"])
+def test_state_saved_with_the_previous_default_names_where_it_is_shipped(kind):
+    """The default moved from mlp_2x32 to ortho_mlp: a state saved with the old default is
+    refused by the new one with the name that loads it, and loads under that name."""
+    model, x, y = _model_and_data()
+    old = _make(kind, model, "mlp_2x32")
+    _train(model, old, x, y, 2)
+    saved = old.state_dict()
+    with pytest.raises(ValueError, match=r"shipped as checkpoint='mlp_2x32'"):
+        _make(kind, model, "default").load_state_dict(saved)
+    _make(kind, model, "mlp_2x32").load_state_dict(saved)
+
+
 def test_guarded_state_with_another_fallback_is_refused(checkpoint):
     model, x, y = _model_and_data()
     opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, fallback="adam")
@@ -372,9 +385,10 @@ def test_guarded_optimizer_on_cuda(checkpoint, dtype):
 
 
 def test_guard_keeps_the_shipped_optimizer_convergent_far_beyond_its_meta_training_horizon():
-    """The shipped learned optimizer saw 200-step episodes of MLP training. On the Rosenbrock
-    function over 2000 steps, alone it gets close to the minimum and then diverges; guarded by
-    plain SGD it keeps converging, and ends below where SGD alone gets."""
+    """The shipped mlp_2x32 learned optimizer (the default until 2026-12-02) saw 200-step
+    episodes of MLP training. On the Rosenbrock function over 2000 steps, alone it gets close to
+    the minimum and then diverges; guarded by plain SGD it keeps converging, and ends below where
+    SGD alone gets."""
     from l2o.eval.runs import run_rule
     from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
     from l2o.tasks import get_task
@@ -382,7 +396,7 @@ def test_guard_keeps_the_shipped_optimizer_convergent_far_beyond_its_meta_traini
     def training_curves(rule, task, seeds, steps):
         return run_rule(rule, task, seeds, steps).curves
 
-    lopt, meta, _ = load_checkpoint(resolve_checkpoint("default"))
+    lopt, meta, _ = load_checkpoint(resolve_checkpoint("mlp_2x32"))
     learned = lopt.rule(meta)
     task = get_task("rosenbrock")  # minimum 0 at (1, 1)
     seeds = [2**31 + i for i in range(4)]
@@ -401,9 +415,9 @@ def test_guard_keeps_the_shipped_optimizer_convergent_far_beyond_its_meta_traini
 
 
 def test_shipped_checkpoint_beats_tuned_adam_on_held_out_seeds_of_its_family(tmp_path):
-    """The model card's claim, on 8 of its 32 held-out seeds: the unguarded learned optimizer
-    reaches tuned Adam's final training loss in at most 60% of Adam's 200 steps (Adam tuned on
-    the tuning seeds)."""
+    """checkpoints/mlp_2x32.md's claim, on 8 of its 32 held-out seeds: the unguarded learned
+    optimizer reaches tuned Adam's final training loss in at most 60% of Adam's 200 steps (Adam
+    tuned on the tuning seeds)."""
     from l2o.eval.cells import CellStore
     from l2o.eval.contenders import rule_contender
     from l2o.eval.evaluation import Settings, _tune
@@ -415,7 +429,7 @@ def test_shipped_checkpoint_beats_tuned_adam_on_held_out_seeds_of_its_family(tmp
 
     cfg = compose_config("experiment=mnist1d_mlp")
     task = build(cfg, torch.device("cpu"))["task"].sample(HELD_OUT_SEED)
-    lopt, meta, _ = load_checkpoint(resolve_checkpoint("default"))
+    lopt, meta, _ = load_checkpoint(resolve_checkpoint("mlp_2x32"))
     seeds = tuple(HELD_OUT_SEED + i for i in range(8))
     entry = SuiteEntry("mnist1d_mlp", task, 200, seeds)
     settings = Settings(grid=(3e-3, 1e-2, 3e-2), tuning_seeds=4)
@@ -431,10 +445,10 @@ def test_shipped_checkpoint_beats_tuned_adam_on_held_out_seeds_of_its_family(tmp
 @pytest.mark.parametrize("cls", [LearnedOptimizer, GuardedLearnedOptimizer])
 def test_shipped_default_checkpoint_trains_an_ordinary_module(cls):
     model, x, y = _model_and_data()
-    opt = cls(model.parameters())  # checkpoint="default"
+    opt = cls(model.parameters())  # checkpoint="default", an alias of ortho_mlp
     losses = _train(model, opt, x, y, 20)
     assert losses[-1] < 0.9 * losses[0]
-    assert opt.state_dict()["l2o"]["checkpoint"].startswith("mlp-")
+    assert opt.state_dict()["l2o"]["checkpoint"].startswith("ortho_mlp-")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

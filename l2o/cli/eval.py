@@ -330,7 +330,11 @@ def _family_and_horizon(cfg: DictConfig, contenders) -> tuple[Any, int, str]:
         except (TypeError, ValueError) as err:
             raise ConfigError("family", str(err)) from None
     if cfg.horizon == "checkpoint":
-        horizon = (trained.get("estimator") or {}).get("horizon") or 100
+        from l2o.meta.estimators import median_episode_length
+
+        estimator = trained.get("estimator")
+        estimator = estimator if isinstance(estimator, dict) else {}
+        horizon = median_episode_length(estimator) or 100
     else:
         horizon = int(cfg.horizon)
     return family, int(horizon), source

@@ -8,6 +8,7 @@ from l2o.learned.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
     shipped_checkpoints,
+    shipped_names_of,
 )
 from l2o.learned.lstm_lopt import LSTMLOpt, LSTMRule
 from l2o.learned.mlp_lopt import MLPLOpt, MLPRule
@@ -33,4 +34,5 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
     "shipped_checkpoints",
+    "shipped_names_of",
 ]

@@ -68,6 +68,11 @@ MAX_CARD_DEPTH = 32
 MAX_META_ELEMENTS = 1 << 30
 #: Folder of the checkpoints shipped with l2o (``checkpoints/`` next to the package).
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+#: Shipped names that stand for another shipped checkpoint. ``default`` is the checkpoint
+#: ``LearnedOptimizer``, ``GuardedLearnedOptimizer`` and ``l2o-eval`` use when none is named:
+#: ``ortho_mlp`` since 2026-12-02 (it beat the previous default, now shipped as ``mlp_2x32``,
+#: on ``l2o-eval suite=all``: EVALUATION.md). An alias always wins over a file of its name.
+SHIPPED_ALIASES: dict[str, str] = {"default": "ortho_mlp"}
 
 
 class CheckpointError(ValueError):
@@ -556,8 +561,8 @@ def load_checkpoint(
 # --- shipped checkpoints ------------------------------------------------------------------------
 
 
-def shipped_checkpoints() -> tuple[str, ...]:
-    """Names of the checkpoints shipped in ``checkpoints/`` (both files present)."""
+def _shipped_files() -> tuple[str, ...]:
+    """Names of the checkpoints in ``checkpoints/`` with both files present."""
     if not SHIPPED_DIR.is_dir():
         return ()
     return tuple(
@@ -567,6 +572,30 @@ def shipped_checkpoints() -> tuple[str, ...]:
             if checkpoint_paths(p)[0].is_file()
         )
     )
+
+
+def shipped_checkpoints() -> tuple[str, ...]:
+    """Names of the checkpoints shipped in ``checkpoints/``, aliases (``default``) included."""
+    files = _shipped_files()
+    aliases = {alias for alias, target in SHIPPED_ALIASES.items() if target in files}
+    return tuple(sorted(set(files) | aliases))
+
+
+def shipped_names_of(identity: str) -> tuple[str, ...]:
+    """The shipped names whose checkpoint has id ``identity`` (each file's name, then its
+    aliases), to tell a user which checkpoint an optimizer state was saved with; unreadable
+    shipped cards are skipped."""
+    names = []
+    for name in _shipped_files():
+        try:
+            card = _read_card(checkpoint_paths(SHIPPED_DIR / name)[1])
+            found = checkpoint_id(card) if card is not None else None
+        except CheckpointError:
+            continue
+        if found == identity:
+            names.append(name)
+            names.extend(a for a, target in SHIPPED_ALIASES.items() if target == name)
+    return tuple(names)
 
 
 def _is_bare_name(name: str) -> bool:
@@ -580,15 +609,17 @@ def _is_bare_name(name: str) -> bool:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A shipped checkpoint's base path for a bare name (``"default"`` ->
-    ``checkpoints/default``), otherwise ``name_or_path`` itself as a path.
+    """A shipped checkpoint's base path for a bare name (``"ortho_mlp"`` ->
+    ``checkpoints/ortho_mlp``; an alias such as ``"default"`` -> its target's), otherwise
+    ``name_or_path`` itself as a path.
 
     Bare names (no folder, no suffix) always mean shipped checkpoints; to load a file in the
     current folder write ``./name``. Raises :class:`CheckpointError` for an unknown shipped name.
     """
     if isinstance(name_or_path, str) and _is_bare_name(name_or_path):
-        if name_or_path in shipped_checkpoints():
-            return SHIPPED_DIR / name_or_path
+        name = SHIPPED_ALIASES.get(name_or_path, name_or_path)
+        if name in _shipped_files():
+            return SHIPPED_DIR / name
         shipped = ", ".join(shipped_checkpoints()) or "none"
         raise CheckpointError(
             f"no shipped checkpoint named {name_or_path!r} in {SHIPPED_DIR} (shipped: {shipped}); "

@@ -1,6 +1,7 @@
 """``l2o.LearnedOptimizer``: a meta-trained learned optimizer as a drop-in ``torch.optim`` class.
 
     opt = l2o.LearnedOptimizer(model.parameters())            # the shipped "default" checkpoint
+    opt = l2o.LearnedOptimizer(model.named_parameters())      # the same, tensors known by name
     opt = l2o.LearnedOptimizer(model.parameters(), checkpoint="runs/x/checkpoints/last", lr=0.5)
 
 It is the generic :class:`~l2o.optim.adapter.RuleOptimizer` running ``lopt.rule(meta_params)``;
@@ -28,6 +29,7 @@ from l2o.learned.checkpoint import (
     checkpoint_id,
     load_checkpoint,
     resolve_checkpoint,
+    shipped_names_of,
     update_schedule_of,
 )
 from l2o.optim.adapter import RuleOptimizer
@@ -112,9 +114,17 @@ class CheckpointedOptimizer(RuleOptimizer):
             raise ValueError(
                 f"this optimizer state was saved by {found or 'a different optimizer'}, not by "
                 f"{self.identity}: load it into an optimizer built with the same checkpoint (and "
-                "fallback), or start the optimizer afresh"
+                f"fallback){_shipped_hint(found)}, or start the optimizer afresh"
             )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != IDENTITY_KEY})
+
+
+def _shipped_hint(identity: Any) -> str:
+    """Where the checkpoint of a saved state is shipped, for states saved with a shipped
+    checkpoint that is no longer the one asked for (e.g. the previous ``default``)."""
+    checkpoint = identity.get("checkpoint") if isinstance(identity, Mapping) else None
+    names = shipped_names_of(checkpoint) if isinstance(checkpoint, str) else ()
+    return f" (it is shipped as checkpoint={names[0]!r})" if names else ""
 
 
 class LearnedOptimizer(CheckpointedOptimizer):
@@ -122,7 +132,8 @@ class LearnedOptimizer(CheckpointedOptimizer):
 
     Args:
         params: parameters or param-group dicts.
-        checkpoint: a shipped checkpoint name (``"default"``) or a checkpoint path.
+        checkpoint: a shipped checkpoint name (``"default"``, an alias of ``"ortho_mlp"``;
+            ``"mlp_2x32"`` the default before 2026-12-02) or a checkpoint path.
         lr: multiplier on the learned step (what LR schedulers scale).
         total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
             schedule (see the module docstring); ignored by the others.

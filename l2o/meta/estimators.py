@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -73,6 +74,29 @@ HORIZON_SCHEDULES = ("constant", "log_uniform")
 _SEED_HIGH = 2**31 - 1
 #: Tasks kept built per estimator (a family's tasks are rebuilt from their seed when evicted).
 _TASK_CACHE_SIZE = 4
+
+
+def median_episode_length(estimator_config: Mapping[str, Any]) -> int | None:
+    """The median number of inner steps of a meta-training episode, from an estimator's config
+    (a card's ``config.estimator``): ``horizon`` for a constant schedule, and for
+    ``log_uniform`` the geometric mean ``round(sqrt(min_horizon * horizon))`` (the median of a
+    log-uniform draw; ``min_horizon`` defaults to ``truncation``, as in the estimator). None when
+    the config names no horizon or an unknown schedule.
+
+    It is the "in distribution" length of a run for a checkpoint meta-trained on episodes of
+    varied length (``l2o-eval horizon=checkpoint``)."""
+    horizon = estimator_config.get("horizon")
+    if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
+        return None
+    schedule = estimator_config.get("horizon_schedule") or "constant"
+    if schedule == "constant":
+        return horizon
+    if schedule != "log_uniform":
+        return None
+    shortest = estimator_config.get("min_horizon") or estimator_config.get("truncation")
+    if not isinstance(shortest, int) or isinstance(shortest, bool) or not 1 <= shortest <= horizon:
+        return None
+    return round(math.sqrt(shortest * horizon))
 
 
 def _finite_mean(values: Tensor) -> float:
