@@ -27,6 +27,21 @@ the guarantee is LGL2O's with each comparison made on the next batch (a batch th
 were not computed from) instead of the current one. The last tentative step of a run is
 confirmed by :meth:`GuardRule.settle` (``GuardedLearnedOptimizer.settle(closure)``).
 
+``shadow=True`` adds a guarantee over the whole run, which a per-step comparison cannot give (a
+sequence of learned steps, each better on its own batch, can end above the fallback alone). The
+guard then also trains a *shadow*: a copy of the parameters that only the fallback ever steps,
+i.e. the fallback-alone run the user would otherwise have made, on the same batches. At every
+step both runs' losses on the step's batch are averaged (exponential moving averages with
+``shadow_decay``); when the guarded run's average exceeds the shadow's by more than
+``shadow_margin`` (relative), or its loss is not finite, the guarded run is restored to the
+shadow (parameters and fallback state) and follows it for ``shadow_hold`` steps, twice as many
+after each further restore, before the guard tries the learned candidates again. So the guarded
+run's smoothed training loss does not stay more than ``shadow_margin`` above the fallback
+alone's, and a learned optimizer that keeps falling behind gets a shrinking share of the steps.
+It costs one more loss-and-gradient evaluation and one more fallback step per step, and a copy
+of the parameters and of the fallback's state. ``guard_stats`` counts the restores and the steps
+that followed the shadow (those count as neither side's).
+
 Non-finite state is never kept: when a side's new state holds a NaN or inf (a gradient with an
 inf entry, an overflow), that side's state restarts from ``init`` and ``state_resets`` counts it,
 so one bad gradient cannot disable the guard for the rest of training.
@@ -71,6 +86,21 @@ from l2o.optim.base import (
 ACCEPT_WINDOW = 100
 
 LEARNED, FALLBACK, NO_STEP = 1, 0, -1
+
+#: The state entries that count the candidates' choices (left alone on a step that followed
+#: the shadow run, ``shadow=True``).
+_CHOICE_COUNTERS = (
+    "learned_steps",
+    "fallback_steps",
+    "skipped_steps",
+    "comparisons",
+    "last_choice",
+    "recent",
+    "recent_count",
+)
+
+#: A shadow restore's hold stops doubling after this many restores (10 * 2**16 steps).
+MAX_DOUBLINGS = 16
 
 
 def _all_finite(tree: Any) -> Tensor:
@@ -136,6 +166,13 @@ class GuardRule(UpdateRule):
         compare_every: compare losses on every n-th step (1 = every step).
         deferred: compare on the next step's loss evaluator, at the cost of one evaluation
             (see the module docstring).
+        shadow: also train a fallback-alone shadow run and restore the guarded run to it when
+            it falls behind (see the module docstring).
+        shadow_margin: how far (relative) the guarded run's smoothed loss may exceed the
+            shadow's before it is restored.
+        shadow_decay: the decay of the two runs' loss averages (0.9: about 10 steps).
+        shadow_hold: steps the guarded run follows the shadow after its first restore (doubled
+            after each further one).
     """
 
     learned: UpdateRule
@@ -143,6 +180,10 @@ class GuardRule(UpdateRule):
     lr: float = 1.0
     compare_every: int = 1
     deferred: bool = False
+    shadow: bool = False
+    shadow_margin: float = 0.01
+    shadow_decay: float = 0.9
+    shadow_hold: int = 10
 
     needs_loss_fn: ClassVar[bool] = True
 
@@ -155,8 +196,17 @@ class GuardRule(UpdateRule):
         check_hyperparameter("lr", self.lr)
         if not isinstance(self.compare_every, int) or self.compare_every < 1:
             raise ValueError(f"compare_every must be an integer >= 1, got {self.compare_every!r}")
-        if not isinstance(self.deferred, bool):
-            raise ValueError(f"deferred must be True or False, got {self.deferred!r}")
+        for name in ("deferred", "shadow"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (isinstance(self.shadow_margin, (int, float)) and 0 <= self.shadow_margin < 1e9):
+            raise ValueError(
+                f"shadow_margin must be a finite number >= 0, got {self.shadow_margin!r}"
+            )
+        if not (isinstance(self.shadow_decay, (int, float)) and 0 <= self.shadow_decay < 1):
+            raise ValueError(f"shadow_decay must be in [0, 1), got {self.shadow_decay!r}")
+        if not isinstance(self.shadow_hold, int) or self.shadow_hold < 1:
+            raise ValueError(f"shadow_hold must be an integer >= 1, got {self.shadow_hold!r}")
 
     def parameter_slots(self) -> frozenset[str] | None:
         parts = {
@@ -165,8 +215,11 @@ class GuardRule(UpdateRule):
         }
         if any(slots is None for slots in parts.values()):
             return None  # a side that does not declare its slots: let the adapter infer all
+        if self.shadow:
+            parts["shadow_fallback"] = parts["fallback"]
         slots = {f"{side}/{path}" for side, slots in parts.items() for path in slots}
-        return frozenset(slots | ({"pending"} if self.deferred else set()))
+        slots |= {"pending"} if self.deferred else set()
+        return frozenset(slots | ({"shadow"} if self.shadow else set()))
 
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
@@ -184,8 +237,25 @@ class GuardRule(UpdateRule):
                 "pending": {k: torch.zeros_like(p) for k, p in params.items()},
                 "has_pending": torch.zeros((), dtype=torch.bool, device=device),
             }
+        shadow = {}
+        if self.shadow:
+            # The fallback-alone run, and both runs' loss averages (float32 at least: a
+            # bfloat16 average could not resolve a 1% margin).
+            first = next(iter(params.values()))
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            average = torch.zeros((), dtype=dtype, device=device)
+            shadow = {
+                "shadow": {k: p.clone() for k, p in params.items()},
+                "shadow_fallback": self.fallback.init(params),
+                "guarded_loss_average": average,
+                "shadow_loss_average": average.clone(),
+                "shadow_restores": counter.clone(),
+                "shadow_hold": counter.clone(),  # steps left on the shadow after a restore
+                "shadow_steps": counter.clone(),  # steps that followed the shadow
+            }
         return {
             **deferred,
+            **shadow,
             "learned": self.learned.init(params),
             "fallback": self.fallback.init(params),
             "learned_steps": counter,
@@ -215,7 +285,17 @@ class GuardRule(UpdateRule):
             )
         loss_fn = as_loss_fn(loss_fn)
         if self.deferred:
-            return self._deferred_update(grads, state, params, step, loss_fn)
+            updates, new_state = self._deferred_update(grads, state, params, step, loss_fn)
+        else:
+            updates, new_state = self._guarded_update(grads, state, params, step, loss_fn)
+        if self.shadow:
+            return self._follow_shadow(state, params, updates, new_state, step, loss_fn)
+        return updates, new_state
+
+    def _guarded_update(
+        self, grads: Params, state: State, params: Params, step: Step, loss_fn: LossFn
+    ) -> tuple[Params, State]:
+        """LGL2O's step: the candidate with the lower loss (every ``compare_every`` steps)."""
         candidates = self._candidates(grads, state, params, step, loss_fn)
         learned_updates, fallback_updates = candidates.learned, candidates.fallback
 
@@ -238,6 +318,79 @@ class GuardRule(UpdateRule):
         new_state = _count(state, choice, compared)
         new_state.update(_inner_states(state, candidates))
         return updates, new_state
+
+    def _follow_shadow(
+        self,
+        state: State,
+        params: Params,
+        updates: Params,
+        new_state: State,
+        step: Step,
+        loss_fn: LossFn,
+    ) -> tuple[Params, State]:
+        """``shadow=True``: step the fallback-alone shadow run on this step's batch, update both
+        runs' loss averages and, where the guarded run has fallen behind, replace its step by
+        the one that moves it onto the shadow (see the module docstring)."""
+        known = loss_fn.known_loss
+        guarded_loss = scalar_loss(known if known is not None else loss_fn(params), "loss_fn")
+        shadow = state["shadow"]
+        shadow_loss, shadow_grads = loss_fn.value_and_grad(shadow)
+        shadow_loss = scalar_loss(shadow_loss, "loss_fn")
+        shadow_updates, shadow_fallback = self.fallback.update(
+            shadow_grads,
+            state["shadow_fallback"],
+            shadow,
+            step=step,
+            loss_fn=loss_fn if self.fallback.needs_loss_fn else None,
+        )
+        # The shadow never takes a non-finite step nor keeps a non-finite state, as each side.
+        moves = _all_finite(shadow_updates)
+        shadow = {k: torch.where(moves, p + shadow_updates[k], p) for k, p in shadow.items()}
+        shadow_fallback, reset = _finite_or_fresh(
+            shadow_fallback, lambda: self.fallback.init(params)
+        )
+        guarded_ok, shadow_ok = torch.isfinite(guarded_loss), torch.isfinite(shadow_loss)
+        guarded_average = self._averaged(state["guarded_loss_average"], guarded_loss, guarded_ok)
+        shadow_average = self._averaged(state["shadow_loss_average"], shadow_loss, shadow_ok)
+        # A shadow whose own loss is not finite (the fallback alone diverged) is no reference.
+        gap = guarded_average - shadow_average
+        behind = shadow_ok & (~guarded_ok | (gap > self.shadow_margin * shadow_average.abs()))
+        holding = state["shadow_hold"] > 0
+        restore = behind & ~holding
+        follow = restore | (holding & shadow_ok)
+        # Each restore holds the guarded run on the shadow twice as long as the one before, so
+        # a learned optimizer that keeps falling behind costs a vanishing share of the steps.
+        hold = self.shadow_hold * 2 ** torch.clamp(state["shadow_restores"], max=MAX_DOUBLINGS)
+        remaining = torch.where(restore, hold, torch.clamp(state["shadow_hold"] - 1, min=0))
+
+        updates = {k: torch.where(follow, shadow[k] - p, updates[k]) for k, p in params.items()}
+        # A followed step took neither candidate: the choice counters stay as they were.
+        new_state = {
+            **new_state,
+            **{k: torch.where(follow, state[k], new_state[k]) for k in _CHOICE_COUNTERS},
+        }
+        new_state["fallback"] = _where_tree(follow, shadow_fallback, new_state["fallback"])
+        if self.deferred:  # on the shadow: nothing is pending
+            new_state["pending"] = _where_tree(follow, shadow, new_state["pending"])
+            new_state["has_pending"] = new_state["has_pending"] & ~follow
+        new_state.update(
+            shadow=shadow,
+            shadow_fallback=shadow_fallback,
+            guarded_loss_average=torch.where(follow, shadow_average, guarded_average),
+            shadow_loss_average=shadow_average,
+            shadow_restores=state["shadow_restores"] + restore.long(),
+            shadow_hold=remaining,
+            shadow_steps=state["shadow_steps"] + follow.long(),
+            state_resets=new_state["state_resets"] + reset,
+        )
+        return updates, new_state
+
+    def _averaged(self, average: Tensor, loss: Tensor, finite: Tensor) -> Tensor:
+        """The moving average with ``loss`` folded in (unchanged by a non-finite loss). Both runs'
+        averages start at 0 and see the same steps, so their ratio needs no bias correction."""
+        decay = self.shadow_decay
+        folded = decay * average + (1 - decay) * loss.detach().to(average.dtype)
+        return torch.where(finite, folded, average)
 
     def _candidates(
         self, grads: Params, state: State, params: Params, step: Step, loss_fn: LossFn
@@ -351,6 +504,16 @@ def _winner(learned_loss: Any, fallback_loss: Any) -> Tensor:
     return torch.where(learned_wins, LEARNED, FALLBACK).to(torch.int64)
 
 
+def _where_tree(condition: Tensor, chosen: Any, otherwise: Any) -> Any:
+    """``chosen`` where ``condition`` else ``otherwise``, leaf by leaf (non-tensor leaves are
+    ``otherwise``'s)."""
+    return tree_map(
+        lambda a, b: torch.where(condition, a, b) if isinstance(b, Tensor) else b,
+        chosen,
+        otherwise,
+    )
+
+
 def _select(choice: Tensor, learned: Params, fallback: Params, params: Params) -> Params:
     """The chosen side's updates (zero for NO_STEP)."""
     return {
@@ -404,6 +567,9 @@ def guard_stats(state: State) -> dict[str, float]:
         "skipped_steps": int(state["skipped_steps"]),
         "comparisons": int(state["comparisons"]),
         "state_resets": int(state.get("state_resets", 0)),
+        # Restores of the guarded run to the fallback-alone shadow (shadow=True only).
+        "shadow_restores": int(state.get("shadow_restores", 0)),
+        "shadow_steps": int(state.get("shadow_steps", 0)),
         "accept_rate": float(recent.float().mean()) if seen else float("nan"),
         "last_choice": {LEARNED: "learned", FALLBACK: "fallback", NO_STEP: "none"}[
             int(state["last_choice"])
@@ -426,6 +592,12 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
     between steps are then the tentative learned candidate: call :meth:`settle` with a closure
     before evaluating or saving the final model to decide the last comparison.
 
+    ``shadow=True`` also trains the fallback alone on a copy of the parameters (the run you
+    would have made without the learned optimizer, on the same closures) and puts the model
+    back onto that copy whenever its smoothed training loss is more than ``shadow_margin``
+    above the copy's: a bound on the whole run, not only on each step, for one more closure
+    call and fallback step per step, and a copy of the parameters and the fallback's state.
+
     Args:
         params: parameters or param-group dicts.
         checkpoint: a shipped checkpoint name (``"default"``) or a checkpoint path.
@@ -434,6 +606,9 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         lr: multiplier on the learned step (what LR schedulers scale).
         compare_every: compare losses every n-th step (in between, the last winner is taken).
         deferred: compare on the next step's closure (cheaper; see above).
+        shadow: keep a fallback-alone shadow run and restore to it when behind (see above).
+        shadow_margin: the relative excess of the smoothed loss over the shadow's that
+            triggers a restore.
         total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
             schedule (:class:`~l2o.learned.optimizer.LearnedOptimizer`); the learned
             candidate is annealed over them, the fallback is not.
@@ -449,6 +624,8 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         compare_every: int = 1,
         deferred: bool = False,
         total_steps: int | None = None,
+        shadow: bool = False,
+        shadow_margin: float = 0.01,
     ) -> None:
         self.learned = CheckpointedRules(checkpoint, total_steps)
         fallback_kwargs = dict(fallback_kwargs or {})
@@ -465,12 +642,18 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         }
         if deferred:  # its state holds a pending candidate: never resumed by a plain guard
             identity["deferred"] = True
+        if shadow:  # its state holds the shadow run
+            identity["shadow"] = True
         self._guard_closure: Callable[[], Any] | None = None
         self._warned_reset = False
 
         def guard_rule(device: torch.device) -> GuardRule:
             return GuardRule(
-                learned=self.learned.rule(device), fallback=self.fallback, deferred=deferred
+                learned=self.learned.rule(device),
+                fallback=self.fallback,
+                deferred=deferred,
+                shadow=shadow,
+                shadow_margin=shadow_margin,
             )
 
         super().__init__(
@@ -488,6 +671,11 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         guard_closure: Callable[[], Any] | None = None,
     ) -> Any:
         """One guarded step; see the class docstring for ``closure`` and ``guard_closure``."""
+        if guard_closure is not None and self.rule.shadow:
+            raise ValueError(
+                "a shadow guard trains its shadow run on the training closure, so it takes no "
+                "guard_closure; build the optimizer with shadow=False to compare on another batch"
+            )
         if guard_closure is not None and self.rule.deferred:
             raise ValueError(
                 "a deferred guard compares on the training closure's next batch, so it takes no "
@@ -559,6 +747,8 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
                 "skipped_steps": 0,
                 "comparisons": 0,
                 "state_resets": 0,
+                "shadow_restores": 0,
+                "shadow_steps": 0,
                 "accept_rate": float("nan"),
                 "last_choice": "none",
             }

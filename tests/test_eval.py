@@ -571,3 +571,25 @@ def test_speedup_plot_accepts_an_interval_that_excludes_its_estimate(tmp_path):
         "suites": {"in_distribution": {"aggregate": aggregate}},
     }
     assert plot_speedups(results, tmp_path / "speedup.png").is_file()
+
+
+def test_a_shadow_guard_is_its_own_contender_and_ends_near_its_fallback(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    copy, _ = _copy_of_cells(run_dir, tmp_path / "run")
+    results = run_eval(_tiny(copy, "guard.shadow=true"))
+    # Only the shadow guard's cells are new: one per task (the others are reused).
+    tasks = [t for s in results["suites"].values() for t in s["tasks"].values()]
+    assert results["meta"]["cells_computed"] == len(tasks)
+    for task in tasks:
+        shadowed = task["optimizers"]["default+guard(adam,shadow)"]
+        assert shadowed["kind"] == "guarded" and shadowed["lr"] == task["optimizers"]["adam"]["lr"]
+        assert "default+guard(adam)" not in task["optimizers"]
+        # Its shadow is the tuned-Adam reference's own run: it never ends far above it.
+        assert shadowed["final_loss"] <= 1.02 * task["optimizers"]["adam"]["final_loss"]
+
+
+@pytest.mark.parametrize("key", ["guard.shadow", "guard.guarded", "guard.unguarded"])
+def test_guard_switches_must_be_booleans(tmp_path, key):
+    with pytest.raises(ConfigError, match="expected true or false") as err:
+        build_plan(_tiny(tmp_path / "run", f"{key}=maybe"))
+    assert err.value.key == key

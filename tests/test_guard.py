@@ -658,3 +658,196 @@ def test_deferred_dropin_guard_takes_no_guard_closure(checkpoint):
     closure = _counting_closure(model, opt, x, y, [])
     with pytest.raises(ValueError, match="deferred=False"):
         opt.step(closure, guard_closure=lambda: torch.tensor(0.0))
+
+
+# --- shadow=True: a bound over the whole run ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchMinimumRule(UpdateRule):
+    """A greedy 'learned' rule: on 0.5·||x - c_k||² it jumps to the batch's minimiser c_k, so
+    it wins every one-batch comparison and still ends far above SGD, which averages the noise."""
+
+    def init(self, params):
+        return {}
+
+    def update(self, grads, state, params, *, step, loss_fn=None):
+        return {k: -g for k, g in grads.items()}, state
+
+
+def noisy_centre(dim: int = 8, steps: int = 400):
+    """Batches f_k(x) = 0.5·||x - c - ξ_k||² (ξ_k ~ N(0, I)) of the full loss 0.5·||x - c||²."""
+    g = torch.Generator().manual_seed(0)
+    centre = torch.randn(dim, generator=g, dtype=torch.float64)
+    noise = torch.randn(steps, dim, generator=g, dtype=torch.float64)
+
+    def batch(k):
+        return lambda p: 0.5 * ((p["x"] - centre - noise[k]) ** 2).sum()
+
+    def full(p):
+        return float(0.5 * ((p["x"] - centre) ** 2).sum())
+
+    return batch, full, {"x": torch.zeros(dim, dtype=torch.float64)}
+
+
+def run_on_batches(rule, batch, params, steps, step_type=int):
+    state, losses = rule.init(params), []
+    for k in range(steps):
+        loss_fn = batch(k)
+        grads = torch.func.grad(loss_fn)(params)
+        kwargs = {"loss_fn": loss_fn} if rule.needs_loss_fn else {}
+        updates, state = rule.update(grads, state, params, step=step_type(k), **kwargs)
+        losses.append(loss_fn(params).detach())
+        params = apply_updates(params, updates)
+    return params, state, [float(v) for v in losses] if step_type is int else losses
+
+
+def test_shadow_guard_ends_at_the_fallback_alone_where_every_greedy_choice_misleads():
+    batch, full, x0 = noisy_centre()
+    sgd = get("sgd", lr=0.05)
+    alone, _, alone_losses = run_on_batches(sgd, batch, x0, 400)
+    plain, plain_state, _ = run_on_batches(GuardRule(BatchMinimumRule(), sgd), batch, x0, 400)
+    guarded, state, losses = run_on_batches(
+        GuardRule(BatchMinimumRule(), sgd, shadow=True), batch, x0, 400
+    )
+    # The per-step guard takes every greedy step and ends an order of magnitude above SGD.
+    assert guard_stats(plain_state)["learned_steps"] == 400
+    assert full(plain) > 10 * full(alone)
+    # The shadow guard restores to SGD's run, holds longer after each restore, and ends there.
+    stats = guard_stats(state)
+    assert 3 <= stats["shadow_restores"] <= 7  # holds of 10, 20, 40, ... steps
+    assert stats["shadow_steps"] > 0.9 * 400
+    assert stats["learned_steps"] + stats["fallback_steps"] + stats["shadow_steps"] == 400
+    assert full(guarded) <= 1.02 * full(alone)
+    smoothed = sum(losses[-100:]) / 100
+    assert smoothed <= 1.02 * sum(alone_losses[-100:]) / 100
+
+
+def test_shadow_is_the_fallback_alone_run_on_the_same_batches():
+    batch, _, x0 = noisy_centre()
+    adam = get("adam", lr=0.1)
+    alone, alone_state, _ = run_on_batches(adam, batch, x0, 60)
+    _, state, _ = run_on_batches(GuardRule(BatchMinimumRule(), adam, shadow=True), batch, x0, 60)
+    torch.testing.assert_close(state["shadow"]["x"], alone["x"], rtol=0, atol=0)
+    for key, value in alone_state.items():
+        torch.testing.assert_close(state["shadow_fallback"][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_shadow_guard_changes_nothing_while_the_guarded_run_is_ahead(deferred):
+    # A good 'learned' rule (SGD at 1/L) against a timid fallback: never behind, never restored.
+    loss, params, _, lipschitz = quadratic(3)
+    learned, fallback = get("sgd", lr=1.0 / lipschitz), get("sgd", lr=0.01 / lipschitz)
+
+    def batch(_):
+        return loss
+
+    plain, _, _ = run_on_batches(GuardRule(learned, fallback, deferred=deferred), batch, params, 50)
+    shadowed, state, _ = run_on_batches(
+        GuardRule(learned, fallback, deferred=deferred, shadow=True), batch, params, 50
+    )
+    assert guard_stats(state)["shadow_restores"] == 0
+    torch.testing.assert_close(shadowed["x"], plain["x"], rtol=0, atol=0)
+
+
+def test_shadow_guard_restores_at_once_when_the_guarded_loss_is_not_finite():
+    # 0.5·||x||², except that batch 3 is infinite where x₀ < 0.5: the greedy rule jumped to 0
+    # at step 0 (and is ahead until then); SGD from 1 is still at 0.73 when batch 3 comes.
+    def batch(k):
+        def loss(p):
+            x = p["x"]
+            finite = 0.5 * (x**2).sum()
+            return torch.where(x[0] < 0.5, torch.tensor(math.inf), finite) if k == 3 else finite
+
+        return loss
+
+    params = {"x": torch.ones(2, dtype=torch.float64)}
+    rule = GuardRule(BatchMinimumRule(), get("sgd", lr=0.1), shadow=True)
+    final, state, losses = run_on_batches(rule, batch, params, 6)
+    assert guard_stats(state)["shadow_restores"] == 1
+    assert losses[:3] == [1.0, 0.0, 0.0] and math.isinf(losses[3])
+    assert all(math.isfinite(v) for v in losses[4:])
+    assert guard_stats(state)["shadow_steps"] == 3  # the restore, then holding
+    torch.testing.assert_close(final["x"], state["shadow"]["x"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_shadow_guard_vmaps_over_a_population_like_a_loop(deferred):
+    batch, _, x0 = noisy_centre(dim=4, steps=30)
+    rule = GuardRule(BatchMinimumRule(), get("adam", lr=0.1), deferred=deferred, shadow=True)
+    offsets = torch.tensor([[0.0], [1.0], [-2.0]], dtype=torch.float64)
+    loop = [run_on_batches(rule, batch, {"x": x0["x"] + offset}, 30)[0]["x"] for offset in offsets]
+
+    def run(x):
+        return run_on_batches(rule, batch, {"x": x}, 30, step_type=torch.tensor)[0]["x"]
+
+    vmapped = torch.func.vmap(run)(x0["x"] + offsets)
+    torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("shadow", 1), ("shadow_margin", -0.1), ("shadow_decay", 1.0), ("shadow_hold", 0)],
+)
+def test_shadow_guard_refuses_bad_settings(field, value):
+    with pytest.raises(ValueError, match=field):
+        GuardRule(ScaledSignRule(), get("sgd", lr=0.1), **{field: value})
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_shadow_dropin_guard_rescues_a_diverging_learned_optimizer(checkpoint, deferred):
+    def run(make):
+        model, x, y = _model_and_data()
+        opt = make(model)
+        _train(model, opt, x, y, 80)
+        if isinstance(opt, GuardedLearnedOptimizer):
+            opt.settle(_counting_closure(model, opt, x, y, []))
+        return opt, float(nn.functional.cross_entropy(model(x), y).detach())
+
+    _, adam_final = run(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    _, guarded_final = run(
+        lambda m: GuardedLearnedOptimizer(
+            m.parameters(), checkpoint=checkpoint, lr=3e4, shadow=True, deferred=deferred
+        )
+    )
+    assert guarded_final <= adam_final * 1.02
+
+
+def test_shadow_dropin_guard_calls_the_closure_once_more_per_step(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, shadow=True)
+    calls = []
+    for _ in range(5):
+        opt.step(_counting_closure(model, opt, x, y, calls))
+    assert len(calls) == 5 * 4  # the step's own, two candidates, the shadow
+
+
+def test_shadow_dropin_guard_state_round_trips_and_is_refused_by_a_plain_guard(
+    checkpoint, tmp_path
+):
+    def make(model, shadow=True):
+        return GuardedLearnedOptimizer(
+            model.parameters(), checkpoint=checkpoint, lr=3e4, shadow=shadow
+        )
+
+    model, x, y = _model_and_data()
+    opt = make(model)
+    _train(model, opt, x, y, 15)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "mid.pt")
+    expected = _train(model, opt, x, y, 10)
+    saved = torch.load(tmp_path / "mid.pt")
+    resumed_model, _, _ = _model_and_data()
+    resumed_model.load_state_dict(saved["model"])
+    resumed = make(resumed_model)
+    resumed.load_state_dict(saved["opt"])
+    assert _train(resumed_model, resumed, x, y, 10) == expected
+    assert resumed.guard_stats == opt.guard_stats
+    with pytest.raises(ValueError, match="saved by"):
+        make(resumed_model, shadow=False).load_state_dict(saved["opt"])
+
+
+def test_shadow_dropin_guard_takes_no_guard_closure(checkpoint):
+    model, x, y = _model_and_data()
+    opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, shadow=True)
+    with pytest.raises(ValueError, match="shadow=False"):
+        opt.step(_counting_closure(model, opt, x, y, []), guard_closure=lambda: torch.tensor(0.0))

@@ -167,6 +167,9 @@ def validate(cfg: DictConfig) -> None:
     check_int(cfg, "bootstrap.resamples", low=1, high=10**6)
     check_int(cfg, "bootstrap.seed", low=0, high=2**32 - 1)
     check_int(cfg, "guard.compare_every", low=1, high=MAX_HORIZON)
+    for key in ("guard.unguarded", "guard.guarded", "guard.shadow"):
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise ConfigError(key, f"expected true or false, got {OmegaConf.select(cfg, key)!r}")
     if OmegaConf.select(cfg, "threads") != "auto":
         check_int(cfg, "threads", low=1, high=MAX_THREADS)
     check_device(cfg)
@@ -268,6 +271,7 @@ def _contenders(cfg: DictConfig):
                 unguarded=bool(cfg.guard.unguarded),
                 fallback=fallback,
                 compare_every=int(cfg.guard.compare_every),
+                shadow=cfg.guard.shadow,
                 update_schedule=schedule,
             )
         for i, item in enumerate(_names(cfg, "baselines")):

@@ -135,11 +135,13 @@ class LearnedContender(Contender):
 
 @dataclasses.dataclass(frozen=True)
 class GuardedContender(Contender):
-    """A learned contender under the LGL2O guard with ``fallback`` (its lr tuned per task)."""
+    """A learned contender under the LGL2O guard with ``fallback`` (its lr tuned per task);
+    ``shadow``: with the guard's fallback-alone shadow run (:class:`~l2o.guard.GuardRule`)."""
 
     learned: LearnedContender | None = None
     fallback: RuleContender | None = None
     compare_every: int = 1
+    shadow: bool = False
 
     def build(
         self,
@@ -151,15 +153,19 @@ class GuardedContender(Contender):
             self.learned.build(device, horizon),
             self.fallback.build(fallback_lr),
             compare_every=self.compare_every,
+            shadow=self.shadow,
         )
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "kind": "guarded",
             "learned": self.learned.spec(),
             "fallback": self.fallback.spec(),
             "compare_every": self.compare_every,
         }
+        if self.shadow:  # (cells of guards without a shadow keep their key)
+            spec["shadow"] = True
+        return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,9 +299,11 @@ def learned_contenders(
     unguarded: bool,
     fallback: RuleContender,
     compare_every: int = 1,
+    shadow: bool = False,
     update_schedule: str | None = None,
 ) -> list[Contender]:
-    """The checkpoint (shipped name or path) alone and/or under the guard; ``update_schedule``
+    """The checkpoint (shipped name or path) alone and/or under the guard (``shadow``: with the
+    guard's fallback-alone shadow run, labelled ``+guard(<fallback>,shadow)``); ``update_schedule``
     anneals it over each run otherwise than its card says (labelled ``<name>+<schedule>``),
     e.g. to try a checkpoint meta-trained without annealing with a cosine over the run."""
     from l2o.learned.checkpoint import (
@@ -324,7 +332,8 @@ def learned_contenders(
     )
     out: list[Contender] = [learned] if unguarded else []
     if guarded:
+        guard = f"{fallback.name},shadow" if shadow else fallback.name
         out.append(
-            GuardedContender(f"{label}+guard({fallback.name})", learned, fallback, compare_every)
+            GuardedContender(f"{label}+guard({guard})", learned, fallback, compare_every, shadow)
         )
     return out

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from l2o.meta.losses import EVAL_MODES, MetaLossTerms
-from l2o.optim.base import Params, State, UpdateRule, apply_updates
+from l2o.optim.base import FunctionalLoss, Params, State, UpdateRule, apply_updates
 from l2o.tasks.base import Batch, Task
 
 
@@ -130,9 +130,12 @@ def init_carry(
     }
 
 
-def _member_update(rule: UpdateRule, task: Task, grads, state, params, step, batch):
-    # Positional on purpose: vmap maps positional arguments only.
-    loss_fn = (lambda p: task.loss(p, batch)) if rule.needs_loss_fn else None
+def _member_update(rule: UpdateRule, task: Task, grads, state, params, step, batch, loss):
+    # Positional on purpose: vmap maps positional arguments only. ``loss`` is the loss at
+    # ``params`` the step computed with the gradient: a rule that needs it need not recompute it.
+    loss_fn = None
+    if rule.needs_loss_fn:
+        loss_fn = FunctionalLoss(lambda p: task.loss(p, batch), known_loss=loss)
     return rule.update(grads, state, params, step=step, loss_fn=loss_fn)
 
 
@@ -153,11 +156,11 @@ def _population_grads_by_autograd(task: Task, params: Params, batch: Batch):
     return grads, losses
 
 
-def _per_member_update(factory, task: Task, meta, grads, state, params, step, batch):
+def _per_member_update(factory, task: Task, meta, grads, state, params, step, batch, loss):
     """Every member's update by its own rule ``factory(meta_i)`` (ES, PES)."""
     return vmap(
         lambda m, *args: _member_update(factory(m), task, *args), randomness=RULE_RANDOMNESS
-    )(meta, grads, state, params, step, batch)
+    )(meta, grads, state, params, step, batch, loss)
 
 
 def scaled_updates(updates: Params, scale: Tensor | None) -> Params:
@@ -171,7 +174,9 @@ def scaled_updates(updates: Params, scale: Tensor | None) -> Params:
 def _forward_inner_step(factory, task: Task, params, state, step, batch, meta, scale=None):
     """One inner step of every member with its own meta-parameters (the ES/PES path)."""
     grads, loss = vmap(grad_and_value(task.loss))(params, batch)
-    updates, state = _per_member_update(factory, task, meta, grads, state, params, step, batch)
+    updates, state = _per_member_update(
+        factory, task, meta, grads, state, params, step, batch, loss
+    )
     return apply_updates(params, scaled_updates(updates, scale)), state, loss
 
 
@@ -228,11 +233,11 @@ def unroll(
             "under torch.no_grad, without activation checkpointing"
         )
 
-    def update(grads, state, params, step, batch, meta):
+    def update(grads, state, params, step, batch, meta, loss):
         if per_member:
-            return _per_member_update(rule, task, meta, grads, state, params, step, batch)
+            return _per_member_update(rule, task, meta, grads, state, params, step, batch, loss)
         return vmap(lambda *args: _member_update(rule, task, *args), randomness=RULE_RANDOMNESS)(
-            grads, state, params, step, batch
+            grads, state, params, step, batch, loss
         )
 
     def inner_step(params, state, step, batch, meta):
@@ -245,7 +250,7 @@ def unroll(
             grads, loss = _population_grads_by_autograd(task, params, batch)
         else:
             grads, loss = vmap(grad_and_value(task.loss))(params, batch)
-        updates, state = update(grads, state, params, step, batch, meta)
+        updates, state = update(grads, state, params, step, batch, meta, loss)
         return apply_updates(params, scaled_updates(updates, scale)), state, loss
 
     seeds = [int(s) for s in carry["seeds"].tolist()]
