@@ -9,7 +9,9 @@ backward pass in the closure. Contenders: torch AdamW, the unguarded ``LearnedOp
   backward passes per step);
 - ``candidates + forward-only guard_closure``: the same comparison on the same batch through
   a closure without backward (1 forward-backward + 2 forwards);
-- ``deferred``: each comparison made on the next step's closure (2 forward-backward passes).
+- ``deferred``: each comparison made on the next step's closure (2 forward-backward passes);
+- ``deferred + shadow``: the deferred guard with its fallback-alone shadow run (``shadow=True``,
+  3 forward-backward passes and a second Adam step).
 
 Rounds are interleaved and the median step time taken. Also reported: each guarded variant's
 held-out loss (the corpus's eval split) at the end, next to the unguarded one's.
@@ -48,6 +50,10 @@ def _contenders(device: torch.device) -> dict[str, tuple[Callable, bool]]:
             True,
         ),
         "guarded, deferred": (lambda p: l2o.GuardedLearnedOptimizer(p, deferred=True), False),
+        "guarded, deferred + shadow": (
+            lambda p: l2o.GuardedLearnedOptimizer(p, deferred=True, shadow=True),
+            False,
+        ),
     }
 
 

@@ -293,11 +293,13 @@ def _family_and_horizon(cfg: DictConfig, contenders) -> tuple[Any, int, str]:
     """The meta-training family and horizon the suites are built from, and where from."""
     from hydra.utils import instantiate
 
-    from l2o.eval.contenders import LearnedContender
+    from l2o.eval.contenders import GuardedContender, LearnedContender
     from l2o.tasks.base import TaskFamily
     from l2o.tasks.suites import default_family
 
-    card = next((c.card for c in contenders if isinstance(c, LearnedContender)), {})
+    # The first checkpoint's card, whether it is evaluated alone or only under the guard.
+    learned = (c.learned if isinstance(c, GuardedContender) else c for c in contenders)
+    card = next((c.card for c in learned if isinstance(c, LearnedContender)), {})
     trained = (card.get("config") or {}) if isinstance(card, dict) else {}
     family, source = None, "the default MLPFamily"
     if cfg.family == "checkpoint":
