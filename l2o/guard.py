@@ -81,6 +81,7 @@ from l2o.optim.base import (
     check_hyperparameter,
     lr_at,
 )
+from l2o.validation import boolean
 
 #: How many recent choices ``accept_rate`` averages over.
 ACCEPT_WINDOW = 100
@@ -122,10 +123,7 @@ def _finite_or_fresh(new: State, fresh: Callable[[], State]) -> tuple[State, Ten
         if bool(ok):
             return new, torch.zeros_like(ok, dtype=torch.int64)
         return fresh(), torch.ones_like(ok, dtype=torch.int64)
-    kept = tree_map(
-        lambda a, b: torch.where(ok, a, b) if isinstance(a, Tensor) else a, new, fresh()
-    )
-    return kept, (~ok).long()
+    return _where_tree(~ok, fresh(), new), (~ok).long()
 
 
 class Candidates(NamedTuple):
@@ -196,9 +194,8 @@ class GuardRule(UpdateRule):
         check_hyperparameter("lr", self.lr)
         if not isinstance(self.compare_every, int) or self.compare_every < 1:
             raise ValueError(f"compare_every must be an integer >= 1, got {self.compare_every!r}")
-        for name in ("deferred", "shadow"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        boolean("deferred", self.deferred)
+        boolean("shadow", self.shadow)
         if not (isinstance(self.shadow_margin, (int, float)) and 0 <= self.shadow_margin < 1e9):
             raise ValueError(
                 f"shadow_margin must be a finite number >= 0, got {self.shadow_margin!r}"

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["log_uniform", "positive_int"]
+__all__ = ["boolean", "log_uniform", "positive_int"]
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False`` (not ``1``, ``"yes"`` or ``None``), else
+    ``ValueError`` naming ``name``: a truthy string would silently switch a feature on."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def positive_int(name: str, value: Any) -> int:

@@ -10,7 +10,11 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import l2o.optim as O
+from l2o.guard import GuardRule
 from l2o.optim import apply_updates, registry, rules
+from l2o.optim.gradient_free import RandomSearch
+from l2o.optim.newton import Newton
+from l2o.optim.wrappers import SAM
 
 STEPS = 60
 
@@ -339,3 +343,23 @@ def test_rules_built_inside_vmap_over_a_population_of_learning_rates():
     for i, lr in enumerate(lrs.tolist()):
         torch.testing.assert_close(swept[i], one(torch.tensor(lr, dtype=torch.float64)))
     torch.testing.assert_close(swept[2], -0.1 * torch.sign(grads["w"]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("build", "flag"),
+    [
+        (lambda v: rules.SGD(lr=0.1, momentum=0.9, nesterov=v), "nesterov"),
+        (lambda v: SAM(base=rules.SGD(lr=0.1), adaptive=v), "adaptive"),
+        (lambda v: RandomSearch(adapt_sigma=v), "adapt_sigma"),
+        (lambda v: Newton(adapt_damping=v), "adapt_damping"),
+        (lambda v: GuardRule(learned=rules.Adam(), fallback=rules.SGD(), shadow=v), "shadow"),
+        (lambda v: GuardRule(learned=rules.Adam(), fallback=rules.SGD(), deferred=v), "deferred"),
+    ],
+)
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_switches_refuse_anything_but_a_bool(build, flag, value) -> None:
+    # A truthy string or 1 from a config would otherwise switch a feature on silently.
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        build(value)
+    build(True)
+    build(False)

@@ -67,7 +67,7 @@ from l2o.optim.base import Params, check_hyperparameter
 from l2o.optim.schedules import Schedule, check_update_schedule, run_annealing
 from l2o.registry import Registry
 from l2o.tasks.base import Task, TaskFamily
-from l2o.validation import log_uniform, positive_int
+from l2o.validation import boolean, log_uniform, positive_int
 
 HORIZON_SCHEDULES = ("constant", "log_uniform")
 
@@ -420,9 +420,7 @@ class ES(TruncatedEstimator):
         **kwargs,
     ):
         super().__init__(lopt, task, **kwargs)
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be true or false, got {compile!r}")
-        self.compile = compile
+        self.compile = boolean("compile", compile)
         self.sigma = float(sigma)
         check_hyperparameter("sigma", self.sigma, low=0.0, low_inclusive=False)
 

@@ -26,9 +26,9 @@ from l2o.optim.base import (
     check_hyperparameter,
     required_loss_fn,
 )
-from l2o.optim.rules import Adam, _check_flag
+from l2o.optim.rules import Adam
 from l2o.optim.wrappers import _Wrapper, _WrapperOptimizer
-from l2o.validation import positive_int
+from l2o.validation import boolean, positive_int
 
 __all__ = ["EvolutionStrategy", "RandomSearch"]
 
@@ -73,7 +73,7 @@ class RandomSearch(UpdateRule):
     def __post_init__(self) -> None:
         check_hyperparameter("sigma", self.sigma, low=0.0, low_inclusive=False)
         positive_int("samples", self.samples)
-        _check_flag("adapt_sigma", self.adapt_sigma)
+        boolean("adapt_sigma", self.adapt_sigma)
 
     def init(self, params: Params) -> State:
         reference = next(iter(params.values()))

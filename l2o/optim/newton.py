@@ -56,8 +56,7 @@ from l2o.optim.base import (
     required_loss_fn,
 )
 from l2o.optim.line_search import OneGroupOptimizer, flatten, initial_loss, unflatten
-from l2o.optim.rules import _check_flag
-from l2o.validation import positive_int
+from l2o.validation import boolean, positive_int
 
 __all__ = [
     "LevenbergMarquardt",
@@ -112,7 +111,7 @@ class _DampedRule(UpdateRule):
         check_hyperparameter("damping_decrease", self.damping_decrease, high=1.0)
         check_hyperparameter("min_damping", self.min_damping)
         positive_int("max_size", self.max_size)
-        _check_flag("adapt_damping", self.adapt_damping)
+        boolean("adapt_damping", self.adapt_damping)
 
     def init(self, params: Params) -> State:
         flat = flatten(params, "params", self.METHOD)

@@ -31,6 +31,7 @@ from l2o.optim.base import (
     lr_at,
     zeros_like_params,
 )
+from l2o.validation import boolean
 
 __all__ = [
     "SGD",
@@ -101,11 +102,6 @@ def _with_decoupled_weight_decay(
     return {k: u - (lr * weight_decay) * params[k] for k, u in updates.items()}
 
 
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
 def _checked_betas(betas: Any) -> tuple[Any, Any]:
     betas = tuple(betas)
     if len(betas) != 2:
@@ -158,7 +154,7 @@ class SGD(_Rule):
         super().__post_init__()
         check_hyperparameter("momentum", self.momentum)
         check_hyperparameter("dampening", self.dampening, high=1.0)
-        _check_flag("nesterov", self.nesterov)
+        boolean("nesterov", self.nesterov)
         if self.nesterov and (_is_zero(self.momentum) or not _is_zero(self.dampening)):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 
@@ -327,7 +323,7 @@ class RMSprop(_Rule):
         super().__post_init__()
         check_hyperparameter("alpha", self.alpha, high=1.0)
         check_hyperparameter("momentum", self.momentum)
-        _check_flag("centered", self.centered)
+        boolean("centered", self.centered)
 
     def init(self, params: Params) -> State:
         state = {"square_avg": zeros_like_params(params)}
@@ -403,8 +399,8 @@ class Adam(_Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_flag("amsgrad", self.amsgrad)
-        _check_flag("decoupled_weight_decay", self.decoupled_weight_decay)
+        boolean("amsgrad", self.amsgrad)
+        boolean("decoupled_weight_decay", self.decoupled_weight_decay)
         check_hyperparameter("eps_root", self.eps_root)
 
     def init(self, params: Params) -> State:
@@ -544,7 +540,7 @@ class NAdam(_Rule):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hyperparameter("momentum_decay", self.momentum_decay)
-        _check_flag("decoupled_weight_decay", self.decoupled_weight_decay)
+        boolean("decoupled_weight_decay", self.decoupled_weight_decay)
 
     def init(self, params: Params) -> State:
         reference = next(iter(params.values()), None)

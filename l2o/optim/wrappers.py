@@ -36,8 +36,8 @@ from l2o.optim.base import (
     global_norm,
     required_loss_fn,
 )
-from l2o.optim.rules import SGD, Adam, _check_flag, _where
-from l2o.validation import positive_int
+from l2o.optim.rules import SGD, Adam, _where
+from l2o.validation import boolean, positive_int
 
 __all__ = [
     "SAM",
@@ -188,7 +188,7 @@ class SAM(_Wrapper):
         super().__post_init__()
         check_hyperparameter("rho", self.rho)
         check_hyperparameter("eps", self.eps)
-        _check_flag("adaptive", self.adaptive)
+        boolean("adaptive", self.adaptive)
 
     def update(
         self,
