@@ -18,7 +18,8 @@ vmaps inside meta-training unrolls and runs under the generic ``torch.optim`` ad
 vmap (a tensor ``step``, possibly different per member) both losses are evaluated every step
 and ``compare_every`` selects which comparisons count.
 
-``deferred=True`` makes the comparison cost one loss-and-gradient evaluation instead of two.
+``deferred=True`` makes the comparison cost one loss-and-gradient evaluation instead of two
+(with ``compare_every=n``, on every n-th step only).
 The learned candidate is taken tentatively and the fallback candidate kept; the next step's
 loss evaluator (the next batch, in a training loop) is evaluated at both, which costs only the
 fallback side, because the loss and gradient at the current parameters are what every step
@@ -39,7 +40,9 @@ after each further restore, before the guard tries the learned candidates again.
 run's smoothed training loss does not stay more than ``shadow_margin`` above the fallback
 alone's, and a learned optimizer that keeps falling behind gets a shrinking share of the steps.
 It costs one more loss-and-gradient evaluation and one more fallback step per step, and a copy
-of the parameters and of the fallback's state. ``guard_stats`` counts the restores and the steps
+of the parameters and of the fallback's state; eagerly, a step during a hold costs only the
+step's own evaluation (the guarded run is the shadow then: no comparison, no second
+evaluation). ``guard_stats`` counts the restores and the steps
 that followed the shadow (those count as neither side's).
 
 Non-finite state is never kept: when a side's new state holds a NaN or inf (a gradient with an
@@ -163,7 +166,7 @@ class GuardRule(UpdateRule):
         lr: multiplier on the learned update (what LR schedulers scale).
         compare_every: compare losses on every n-th step (1 = every step).
         deferred: compare on the next step's loss evaluator, at the cost of one evaluation
-            (see the module docstring).
+            (see the module docstring); with ``compare_every=n``, on every n-th step.
         shadow: also train a fallback-alone shadow run and restore the guarded run to it when
             it falls behind (see the module docstring).
         shadow_margin: how far (relative) the guarded run's smoothed loss may exceed the
@@ -281,6 +284,10 @@ class GuardRule(UpdateRule):
                 "call optimizer.step(closure) with a closure that returns the loss"
             )
         loss_fn = as_loss_fn(loss_fn)
+        if self.shadow and not _batched(step) and int(state["shadow_hold"]) > 0:
+            held = self._hold_on_shadow(grads, state, params, step, loss_fn)
+            if held is not None:
+                return held
         if self.deferred:
             updates, new_state = self._deferred_update(grads, state, params, step, loss_fn)
         else:
@@ -382,6 +389,54 @@ class GuardRule(UpdateRule):
         )
         return updates, new_state
 
+    def _hold_on_shadow(
+        self, grads: Params, state: State, params: Params, step: Step, loss_fn: LossFn
+    ) -> tuple[Params, State] | None:
+        """A step during a shadow hold, eagerly: the guarded run *is* the shadow (it was put
+        onto it and has followed it since), so the step's own loss and gradient are the
+        shadow's and neither the candidates' comparison nor a second evaluation is needed: one
+        fallback step, which both runs take, and the learned state advanced on the gradient (so
+        that it is current when the hold ends). The result is :meth:`_follow_shadow`'s but for
+        rounding (the shadow becomes the guarded parameters exactly). ``None`` when the loss is
+        not finite: the full step then decides, as it would have."""
+        known = loss_fn.known_loss
+        loss = scalar_loss(known if known is not None else loss_fn(params), "loss_fn")
+        if not bool(torch.isfinite(loss)):
+            return None
+        _, learned_state = self.learned.update(grads, state["learned"], params, step=step)
+        learned_state, learned_reset = _finite_or_fresh(
+            learned_state, lambda: self.learned.init(params)
+        )
+        updates, shadow_fallback = self.fallback.update(
+            grads,
+            state["shadow_fallback"],
+            params,
+            step=step,
+            loss_fn=loss_fn if self.fallback.needs_loss_fn else None,
+        )
+        if not bool(_all_finite(updates)):
+            updates = {k: torch.zeros_like(p) for k, p in params.items()}
+        shadow_fallback, fallback_reset = _finite_or_fresh(
+            shadow_fallback, lambda: self.fallback.init(params)
+        )
+        shadow = {k: p + updates[k] for k, p in params.items()}
+        average = self._averaged(state["shadow_loss_average"], loss, torch.isfinite(loss))
+        new_state = {
+            **state,
+            "learned": learned_state,
+            "fallback": shadow_fallback,
+            "shadow": shadow,
+            "shadow_fallback": shadow_fallback,
+            "guarded_loss_average": average,
+            "shadow_loss_average": average,
+            "shadow_hold": state["shadow_hold"] - 1,
+            "shadow_steps": state["shadow_steps"] + 1,
+            "state_resets": state["state_resets"] + learned_reset + fallback_reset,
+        }
+        if self.deferred:  # on the shadow: nothing is pending
+            new_state["pending"] = shadow
+        return updates, new_state
+
     def _averaged(self, average: Tensor, loss: Tensor, finite: Tensor) -> Tensor:
         """The moving average with ``loss`` folded in (unchanged by a non-finite loss). Both runs'
         averages start at 0 and see the same steps, so their ratio needs no bias correction."""
@@ -422,23 +477,29 @@ class GuardRule(UpdateRule):
         self, grads: Params, state: State, params: Params, step: Step, loss_fn: LossFn
     ) -> tuple[Params, State]:
         """``deferred=True``: decide the pending comparison on this step's loss, step from the
-        winner with the winner's gradient, and leave the new comparison pending."""
-        if self.compare_every != 1:
-            raise ValueError(
-                "a deferred guard compares on every step: use compare_every=1 with deferred=True"
-            )
-        base, grads, state = self._settle(grads, state, params, loss_fn, batched=_batched(step))
+        winner with the winner's gradient, and, on a comparing step (every
+        ``compare_every``-th), leave the new comparison pending; in between, take the last
+        winner's candidate as the plain guard does."""
+        batched = _batched(step)
+        base, grads, state = self._settle(grads, state, params, loss_fn, batched=batched)
         candidates = self._candidates(grads, state, base, step, loss_fn)
         learned_ok, fallback_ok = candidates.learned_ok, candidates.fallback_ok
-        # The learned candidate is taken; if the fallback's is finite, the next step compares
-        # them. Otherwise the choice is made (and counted) now, as without deferral.
-        pending = learned_ok & fallback_ok
-        choice = torch.where(learned_ok, LEARNED, torch.where(fallback_ok, FALLBACK, NO_STEP))
+        if batched:
+            compares = (step % self.compare_every == 0).reshape(())
+        else:
+            compares = torch.tensor(int(step) % self.compare_every == 0, device=learned_ok.device)
+        # On a comparing step the learned candidate is taken; if the fallback's is finite, the
+        # next step compares them. Otherwise (a non-finite side, or a step between
+        # comparisons) the choice is made and counted now.
+        pending = compares & learned_ok & fallback_ok
+        choice = torch.where(compares, LEARNED, state["last_choice"])
+        choice = torch.where((choice == LEARNED) & ~learned_ok, FALLBACK, choice)
+        choice = torch.where((choice == FALLBACK) & ~fallback_ok, NO_STEP, choice)
         chosen = _select(choice, candidates.learned, candidates.fallback, params)
         updates = {k: base[k] - params[k] + chosen[k] for k in params}
         new_state = _count(state, choice, torch.zeros_like(state["comparisons"]), where=~pending)
         new_state.update(_inner_states(state, candidates))
-        # Nothing pending (a non-finite side): keep the winner, never a non-finite candidate.
+        # Nothing pending: keep the winner, never a non-finite candidate.
         new_state["pending"] = {
             k: torch.where(pending, base[k] + candidates.fallback[k], base[k]) for k in params
         }

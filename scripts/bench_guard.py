@@ -10,6 +10,7 @@ backward pass in the closure. Contenders: torch AdamW, the unguarded ``LearnedOp
 - ``candidates + forward-only guard_closure``: the same comparison on the same batch through
   a closure without backward (1 forward-backward + 2 forwards);
 - ``deferred``: each comparison made on the next step's closure (2 forward-backward passes);
+- ``deferred, compare_every=2``: the same, comparing on every other step (1.5 on average);
 - ``deferred + shadow``: the deferred guard with its fallback-alone shadow run (``shadow=True``,
   3 forward-backward passes and a second Adam step).
 
@@ -50,6 +51,10 @@ def _contenders(device: torch.device) -> dict[str, tuple[Callable, bool]]:
             True,
         ),
         "guarded, deferred": (lambda p: l2o.GuardedLearnedOptimizer(p, deferred=True), False),
+        "guarded, deferred, compare_every=2": (
+            lambda p: l2o.GuardedLearnedOptimizer(p, deferred=True, compare_every=2),
+            False,
+        ),
         "guarded, deferred + shadow": (
             lambda p: l2o.GuardedLearnedOptimizer(p, deferred=True, shadow=True),
             False,
@@ -110,7 +115,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6)  # even: compare_every=2 evens out
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
