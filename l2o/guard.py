@@ -109,12 +109,31 @@ MAX_DOUBLINGS = 16
 
 def _all_finite(tree: Any) -> Tensor:
     """One boolean: every floating-point tensor in the (nested) dict ``tree`` is finite."""
-    flags = [
-        torch.isfinite(v).all()
-        for v in tree_leaves(tree)
-        if isinstance(v, Tensor) and v.is_floating_point()
+    leaves = [v for v in tree_leaves(tree) if isinstance(v, Tensor) and v.is_floating_point()]
+    if not leaves:
+        return torch.tensor(True)
+    if _sums_first(leaves[0]) and _sums_are_finite(leaves):
+        return torch.ones((), dtype=torch.bool, device=leaves[0].device)
+    return torch.stack([torch.isfinite(v).all() for v in leaves]).all()
+
+
+def _sums_first(leaf: Tensor) -> bool:
+    """Check sums before entries: eagerly on the CPU, where ``isfinite(v).all()`` costs 10-20x
+    a sum (a boolean tensor the size of ``v``; 8 ms of a guarded step over a 0.43M-parameter
+    Transformer's state), and a Python bool is free. Not on an accelerator (no sync wanted) nor
+    under a ``torch.func`` transform (no Python bool)."""
+    return leaf.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(leaf)
+
+
+def _sums_are_finite(leaves: list[Tensor]) -> bool:
+    """True if every leaf's sum is finite, which proves that its entries are (a NaN or an inf
+    entry makes the sum non-finite). False does not prove the opposite: finite entries can
+    overflow a sum, so the caller then checks the entries."""
+    sums = [
+        v.detach().sum(dtype=torch.promote_types(v.dtype, torch.float32)).to(torch.float32)
+        for v in leaves
     ]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    return bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _finite_or_fresh(new: State, fresh: Callable[[], State]) -> tuple[State, Tensor]:

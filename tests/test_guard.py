@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import l2o
-from l2o.guard import GuardedLearnedOptimizer, GuardRule, guard_stats
+from l2o.guard import GuardedLearnedOptimizer, GuardRule, _all_finite, guard_stats
 from l2o.learned import MLPLOpt, save_checkpoint
 from l2o.learned.checkpoint import CheckpointError
 from l2o.learned.optimizer import LearnedOptimizer
@@ -947,3 +947,29 @@ def test_shadow_dropin_guard_takes_no_guard_closure(checkpoint):
     opt = GuardedLearnedOptimizer(model.parameters(), checkpoint=checkpoint, shadow=True)
     with pytest.raises(ValueError, match="shadow=False"):
         opt.step(_counting_closure(model, opt, x, y, []), guard_closure=lambda: torch.tensor(0.0))
+
+
+def _entrywise_all_finite(tree):
+    return all(bool(torch.isfinite(v).all()) for v in tree.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"w": torch.randn(4, 5), "n": torch.arange(3)},
+        {"w": torch.full((1000,), 3e38)},  # finite entries whose float32 sum overflows
+        {"h": torch.full((100,), 6e4, dtype=torch.float16)},  # a float16 sum would overflow
+        {"d": torch.full((3,), 1e300, dtype=torch.float64)},  # finite, not in float32
+        {"w": torch.tensor([1.0, float("nan")]), "v": torch.ones(2)},
+        {"w": torch.tensor([float("inf"), -float("inf")])},  # a sum of NaN
+        {"b": torch.tensor([1.0, -float("inf")], dtype=torch.bfloat16)},
+        {"e": torch.zeros(0), "w": torch.ones(2)},
+        {"n": torch.arange(3)},
+    ],
+)
+def test_the_guards_finiteness_check_matches_the_entrywise_one(tree):
+    expected = _entrywise_all_finite(tree)
+    assert bool(_all_finite(tree)) == expected  # eagerly: sums first, then entries
+    stacked = {k: torch.stack([v, v]) for k, v in tree.items()}
+    under_vmap = torch.func.vmap(_all_finite)(stacked)  # entries, as a tensor per member
+    assert under_vmap.tolist() == [expected, expected]
