@@ -528,11 +528,13 @@ class GuardRule(UpdateRule):
     def settle(self, state: State, params: Params, loss_fn: LossFn) -> tuple[Params, State]:
         """Decide a deferred guard's pending comparison at ``params`` (the tentative learned
         candidate) without taking a new step: the updates that move to the winner, and the
-        new state. No change when nothing is pending or the guard is not deferred."""
+        new state. No change when nothing is pending or the guard is not deferred. Under vmap
+        (a batched state) every member evaluates its pending point, as in a step."""
         if not self.deferred:
             return {k: torch.zeros_like(p) for k, p in params.items()}, state
         grads = {k: torch.zeros_like(p) for k, p in params.items()}
-        base, _, state = self._settle(grads, state, params, as_loss_fn(loss_fn), batched=False)
+        batched = torch._C._functorch.is_functorch_wrapped_tensor(state["has_pending"])
+        base, _, state = self._settle(grads, state, params, as_loss_fn(loss_fn), batched=batched)
         return {k: base[k] - params[k] for k in params}, state
 
     def _settle(

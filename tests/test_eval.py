@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hydra import initialize_config_dir
 
 from l2o.cli.eval import build_plan, compose_eval_config
 from l2o.cli.eval import run as run_eval
@@ -20,7 +21,7 @@ from l2o.eval.evaluation import Settings, _tune
 from l2o.eval.metrics import iqm, iqm_interval, seed_scores, smooth
 from l2o.eval.report import fmt
 from l2o.eval.runs import run_rule, run_torch
-from l2o.meta.configure import ConfigError
+from l2o.meta.configure import CONFIG_DIR, ConfigError
 from l2o.optim import registry
 from l2o.tasks.suites import HELD_OUT_SEED, SuiteEntry, get_suite, tuning_seeds
 from l2o.tasks.supervised import ConvNetTask, MLPClassifierTask
@@ -593,7 +594,87 @@ def test_a_shadow_guard_is_its_own_contender_and_ends_near_its_fallback(tiny_run
         assert shadowed["final_loss"] <= 1.02 * task["optimizers"]["adam"]["final_loss"]
 
 
-@pytest.mark.parametrize("key", ["guard.shadow", "guard.guarded", "guard.unguarded"])
+def test_a_deferred_guard_is_its_own_contender_settled_before_its_held_out_loss(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    copy, _ = _copy_of_cells(run_dir, tmp_path / "run")
+    results = run_eval(_tiny(copy, "guard.deferred=true", "guard.unguarded=false"))
+    tasks = [t for s in results["suites"].values() for t in s["tasks"].values()]
+    assert results["meta"]["cells_computed"] == len(tasks)  # only its own cells are new
+    for task in tasks:
+        deferred = task["optimizers"]["default+guard(adam,deferred)"]
+        assert deferred["kind"] == "guarded" and math.isfinite(deferred["final_loss"])
+
+
+def test_run_rule_settles_a_deferred_guard_on_the_batch_after_the_run():
+    from l2o.guard import GuardRule
+    from l2o.meta.unroll import held_out_losses, init_carry, unroll
+    from l2o.optim.base import FunctionalLoss, apply_updates
+
+    task = MLPClassifierTask(dataset="digits", width=8, depth=1, batch_size=16)
+    seeds, horizon = [HELD_OUT_SEED, HELD_OUT_SEED + 1, HELD_OUT_SEED + 2], 12
+    guard = GuardRule(registry.get("sgd", lr=3.0), registry.get("adam", lr=0.01), deferred=True)
+    run = run_rule(guard, task, seeds, horizon)
+    # The reference: the same unroll, then each member settled eagerly on its next batch.
+    carry = init_carry(guard, task, torch.tensor(seeds), device="cpu")
+    carry = unroll(guard, task, carry, horizon).carry
+    settled, moved = {k: [] for k in carry["params"]}, 0
+    for i, seed in enumerate(seeds):
+        state = {k: v[i] for k, v in _flat(carry["opt_state"]).items()}
+        params = {k: v[i] for k, v in carry["params"].items()}
+        batch = task.batch(seed, horizon)
+        loss_fn = FunctionalLoss(lambda p, b=batch: task.loss(p, b))
+        updates, _ = guard.settle(_nested(state), params, loss_fn)
+        moved += any(bool(u.abs().sum() > 0) for u in updates.values())
+        for k, v in apply_updates(params, updates).items():
+            settled[k].append(v)
+    assert moved > 0  # some member's fallback candidate won the last comparison
+    expected = held_out_losses(
+        task, {k: torch.stack(v) for k, v in settled.items()}, seeds, [horizon] * len(seeds)
+    )
+    torch.testing.assert_close(run.eval_losses, expected.float())
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _nested(flat):
+    out = {}
+    for path, v in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = v
+    return out
+
+
+def test_a_run_dir_from_before_a_new_guard_setting_continues(tiny_run, tmp_path):
+    import yaml
+
+    run_dir, _ = tiny_run
+    copy, _ = _copy_of_cells(run_dir, tmp_path / "run")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["guard"]["deferred"]  # written before deferred guards existed in l2o-eval
+    saved["run_dir"] = str(copy)
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    resumed = _tiny(copy)
+    # Inside an initialised Hydra, as under the l2o-eval app (a second compose there fails).
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        assert run_eval(resumed)["meta"]["cells_computed"] == 0
+    with pytest.raises(ConfigError, match="other settings"):
+        run_eval(_tiny(copy, "guard.deferred=true"))
+
+
+@pytest.mark.parametrize(
+    "key", ["guard.shadow", "guard.guarded", "guard.unguarded", "guard.deferred"]
+)
 def test_guard_switches_must_be_booleans(tmp_path, key):
     with pytest.raises(ConfigError, match="expected true or false") as err:
         build_plan(_tiny(tmp_path / "run", f"{key}=maybe"))

@@ -167,7 +167,7 @@ def validate(cfg: DictConfig) -> None:
     check_int(cfg, "bootstrap.resamples", low=1, high=10**6)
     check_int(cfg, "bootstrap.seed", low=0, high=2**32 - 1)
     check_int(cfg, "guard.compare_every", low=1, high=MAX_HORIZON)
-    for key in ("guard.unguarded", "guard.guarded", "guard.shadow"):
+    for key in ("guard.unguarded", "guard.guarded", "guard.shadow", "guard.deferred"):
         if not isinstance(OmegaConf.select(cfg, key), bool):
             raise ConfigError(key, f"expected true or false, got {OmegaConf.select(cfg, key)!r}")
     if OmegaConf.select(cfg, "threads") != "auto":
@@ -272,6 +272,7 @@ def _contenders(cfg: DictConfig):
                 fallback=fallback,
                 compare_every=int(cfg.guard.compare_every),
                 shadow=cfg.guard.shadow,
+                deferred=cfg.guard.deferred,
                 update_schedule=schedule,
             )
         for i, item in enumerate(_names(cfg, "baselines")):
@@ -414,6 +415,26 @@ def _result_config(cfg: DictConfig) -> dict:
     return {k: container.get(k) for k in RESULT_KEYS}
 
 
+def _with_new_defaults(saved: dict) -> dict:
+    """``saved`` (a run_dir's result config) with the scalar settings that sections such as
+    ``guard`` gained since it was written filled in at their defaults: such a run had the
+    behaviour the default keeps (``guard.deferred: false`` before deferred guards existed), so
+    continuing it is no change of settings."""
+    # The file itself, not compose_eval_config: this runs inside the Hydra app, which refuses
+    # a second initialisation.
+    defaults = _result_config(OmegaConf.load(CONFIG_DIR / f"{CONFIG_NAME}.yaml"))
+    filled = dict(saved)
+    for key, section in defaults.items():
+        if isinstance(section, dict) and isinstance(saved.get(key), dict):
+            missing = {
+                k: v
+                for k, v in section.items()
+                if k not in saved[key] and not isinstance(v, (dict, list))
+            }
+            filled[key] = {**saved[key], **missing}
+    return filled
+
+
 def _check_run_dir_config(cfg: DictConfig, run_dir: Path) -> None:
     saved = run_dir / CONFIG_FILE
     if not saved.is_file() or cfg.overwrite:
@@ -422,7 +443,7 @@ def _check_run_dir_config(cfg: DictConfig, run_dir: Path) -> None:
         previous = OmegaConf.load(saved)
     except Exception:  # unreadable: treat as another evaluation's
         previous = OmegaConf.create({})
-    before, now = _result_config(previous), _result_config(cfg)
+    before, now = _with_new_defaults(_result_config(previous)), _result_config(cfg)
     if before != now:
         changed = [k for k in RESULT_KEYS if before[k] != now[k]]
         raise ConfigError(

@@ -136,12 +136,14 @@ class LearnedContender(Contender):
 @dataclasses.dataclass(frozen=True)
 class GuardedContender(Contender):
     """A learned contender under the LGL2O guard with ``fallback`` (its lr tuned per task);
-    ``shadow``: with the guard's fallback-alone shadow run (:class:`~l2o.guard.GuardRule`)."""
+    ``shadow``: with the guard's fallback-alone shadow run; ``deferred``: comparing on the next
+    step's batch (:class:`~l2o.guard.GuardRule`)."""
 
     learned: LearnedContender | None = None
     fallback: RuleContender | None = None
     compare_every: int = 1
     shadow: bool = False
+    deferred: bool = False
 
     def build(
         self,
@@ -154,6 +156,7 @@ class GuardedContender(Contender):
             self.fallback.build(fallback_lr),
             compare_every=self.compare_every,
             shadow=self.shadow,
+            deferred=self.deferred,
         )
 
     def spec(self) -> dict[str, Any]:
@@ -163,8 +166,10 @@ class GuardedContender(Contender):
             "fallback": self.fallback.spec(),
             "compare_every": self.compare_every,
         }
-        if self.shadow:  # (cells of guards without a shadow keep their key)
+        if self.shadow:  # (cells of plain guards keep their key)
             spec["shadow"] = True
+        if self.deferred:
+            spec["deferred"] = True
         return spec
 
 
@@ -300,10 +305,12 @@ def learned_contenders(
     fallback: RuleContender,
     compare_every: int = 1,
     shadow: bool = False,
+    deferred: bool = False,
     update_schedule: str | None = None,
 ) -> list[Contender]:
     """The checkpoint (shipped name or path) alone and/or under the guard (``shadow``: with the
-    guard's fallback-alone shadow run, labelled ``+guard(<fallback>,shadow)``); ``update_schedule``
+    guard's fallback-alone shadow run, labelled ``+guard(<fallback>,shadow)``; ``deferred``:
+    comparing on the next batch, ``+guard(<fallback>,deferred)``); ``update_schedule``
     anneals it over each run otherwise than its card says (labelled ``<name>+<schedule>``),
     e.g. to try a checkpoint meta-trained without annealing with a cosine over the run."""
     from l2o.learned.checkpoint import (
@@ -332,8 +339,11 @@ def learned_contenders(
     )
     out: list[Contender] = [learned] if unguarded else []
     if guarded:
-        guard = f"{fallback.name},shadow" if shadow else fallback.name
+        modes = [mode for mode, on in (("deferred", deferred), ("shadow", shadow)) if on]
+        guard = ",".join([fallback.name, *modes])
         out.append(
-            GuardedContender(f"{label}+guard({guard})", learned, fallback, compare_every, shadow)
+            GuardedContender(
+                f"{label}+guard({guard})", learned, fallback, compare_every, shadow, deferred
+            )
         )
     return out

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from l2o.eval.contenders import TorchContender
 from l2o.guard import GuardRule
-from l2o.meta.unroll import held_out_losses, init_carry, unroll
-from l2o.optim.base import UpdateRule
+from l2o.meta.unroll import held_out_losses, init_carry, population_batch, unroll
+from l2o.optim.base import FunctionalLoss, UpdateRule, apply_updates
 from l2o.tasks.base import Task
 
 __all__ = ["Run", "run_rule", "run_rule_grid", "run_torch"]
@@ -118,13 +118,29 @@ def _unroll_rule(
     curves, carry = _unroll_in_chunks(
         rule, task, carry, horizon, every, on_chunk=record_acceptance if guarded else None
     )
-    finals = held_out_losses(task, carry["params"], seeds, [horizon] * len(seeds))
+    params = carry["params"]
+    if guarded and rule.deferred:
+        params = _settled(rule, task, carry, seeds, horizon)
+    finals = held_out_losses(task, params, seeds, [horizon] * len(seeds))
     return Run(
         curves=curves,
         eval_losses=finals.float().cpu(),
         wall_s=0.0,
         acceptance=torch.tensor(acceptance, dtype=torch.float64) if guarded else None,
     )
+
+
+def _settled(rule: GuardRule, task: Task, carry: dict, seeds: list[int], step: int) -> dict:
+    """A deferred guard's members after their last comparison, decided on each member's batch
+    of ``step`` (the one after the run), as ``GuardedLearnedOptimizer.settle(closure)`` does
+    before a model is evaluated: the held-out loss is then the winner's."""
+    batch = population_batch(task, seeds, [step] * len(seeds), "train")
+
+    def settle(state, params, batch):
+        updates, _ = rule.settle(state, params, FunctionalLoss(lambda p: task.loss(p, batch)))
+        return apply_updates(params, updates)
+
+    return torch.func.vmap(settle)(carry["opt_state"], carry["params"], batch)
 
 
 @torch.no_grad()
