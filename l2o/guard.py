@@ -82,6 +82,7 @@ from l2o.optim.base import (
     apply_updates,
     as_loss_fn,
     check_hyperparameter,
+    loss_at_call,
     lr_at,
 )
 from l2o.validation import boolean
@@ -354,24 +355,15 @@ class GuardRule(UpdateRule):
         """``shadow=True``: step the fallback-alone shadow run on this step's batch, update both
         runs' loss averages and, where the guarded run has fallen behind, replace its step by
         the one that moves it onto the shadow (see the module docstring)."""
-        known = loss_fn.known_loss
-        guarded_loss = scalar_loss(known if known is not None else loss_fn(params), "loss_fn")
+        guarded_loss = scalar_loss(loss_at_call(loss_fn, params), "loss_fn")
         shadow = state["shadow"]
         shadow_loss, shadow_grads = loss_fn.value_and_grad(shadow)
         shadow_loss = scalar_loss(shadow_loss, "loss_fn")
-        shadow_updates, shadow_fallback = self.fallback.update(
-            shadow_grads,
-            state["shadow_fallback"],
-            shadow,
-            step=step,
-            loss_fn=loss_fn if self.fallback.needs_loss_fn else None,
+        shadow_updates, moves, shadow_fallback, reset = self._shadow_fallback_step(
+            shadow_grads, state, shadow, params, step, loss_fn
         )
         # The shadow never takes a non-finite step nor keeps a non-finite state, as each side.
-        moves = _all_finite(shadow_updates)
         shadow = {k: torch.where(moves, p + shadow_updates[k], p) for k, p in shadow.items()}
-        shadow_fallback, reset = _finite_or_fresh(
-            shadow_fallback, lambda: self.fallback.init(params)
-        )
         guarded_ok, shadow_ok = torch.isfinite(guarded_loss), torch.isfinite(shadow_loss)
         guarded_average = self._averaged(state["guarded_loss_average"], guarded_loss, guarded_ok)
         shadow_average = self._averaged(state["shadow_loss_average"], shadow_loss, shadow_ok)
@@ -418,26 +410,18 @@ class GuardRule(UpdateRule):
         that it is current when the hold ends). The result is :meth:`_follow_shadow`'s but for
         rounding (the shadow becomes the guarded parameters exactly). ``None`` when the loss is
         not finite: the full step then decides, as it would have."""
-        known = loss_fn.known_loss
-        loss = scalar_loss(known if known is not None else loss_fn(params), "loss_fn")
+        loss = scalar_loss(loss_at_call(loss_fn, params), "loss_fn")
         if not bool(torch.isfinite(loss)):
             return None
         _, learned_state = self.learned.update(grads, state["learned"], params, step=step)
         learned_state, learned_reset = _finite_or_fresh(
             learned_state, lambda: self.learned.init(params)
         )
-        updates, shadow_fallback = self.fallback.update(
-            grads,
-            state["shadow_fallback"],
-            params,
-            step=step,
-            loss_fn=loss_fn if self.fallback.needs_loss_fn else None,
+        updates, moves, shadow_fallback, fallback_reset = self._shadow_fallback_step(
+            grads, state, params, params, step, loss_fn
         )
-        if not bool(_all_finite(updates)):
+        if not bool(moves):
             updates = {k: torch.zeros_like(p) for k, p in params.items()}
-        shadow_fallback, fallback_reset = _finite_or_fresh(
-            shadow_fallback, lambda: self.fallback.init(params)
-        )
         shadow = {k: p + updates[k] for k, p in params.items()}
         average = self._averaged(state["shadow_loss_average"], loss, torch.isfinite(loss))
         new_state = {
@@ -455,6 +439,22 @@ class GuardRule(UpdateRule):
         if self.deferred:  # on the shadow: nothing is pending
             new_state["pending"] = shadow
         return updates, new_state
+
+    def _shadow_fallback_step(
+        self, grads: Params, state: State, at: Params, params: Params, step: Step, loss_fn: LossFn
+    ) -> tuple[Params, Tensor, State, Tensor]:
+        """The shadow run's fallback step from ``at`` on ``grads``: its updates, whether they are
+        all finite, and its new state (a fresh one, from ``params``, where it is not finite)
+        with the reset count."""
+        updates, fallback_state = self.fallback.update(
+            grads,
+            state["shadow_fallback"],
+            at,
+            step=step,
+            loss_fn=loss_fn if self.fallback.needs_loss_fn else None,
+        )
+        fallback_state, reset = _finite_or_fresh(fallback_state, lambda: self.fallback.init(params))
+        return updates, _all_finite(updates), fallback_state, reset
 
     def _averaged(self, average: Tensor, loss: Tensor, finite: Tensor) -> Tensor:
         """The moving average with ``loss`` folded in (unchanged by a non-finite loss). Both runs'
@@ -549,8 +549,7 @@ class GuardRule(UpdateRule):
         pending = state["pending"]
         if batched:  # under vmap every member evaluates; one with nothing pending ignores it
             pending = {k: torch.where(has_pending, pending[k], params[k]) for k in params}
-        known = loss_fn.known_loss
-        learned_loss = known if known is not None else loss_fn(params)
+        learned_loss = loss_at_call(loss_fn, params)
         fallback_loss, fallback_grads = loss_fn.value_and_grad(pending)
         choice = _winner(learned_loss, fallback_loss)
         learned_won = choice == LEARNED

@@ -97,6 +97,13 @@ class FunctionalLoss(DifferentiableLoss):
         return vjp(vector)[0]
 
 
+def loss_at_call(loss_fn: LossFn, params: Params) -> Tensor:
+    """The loss at ``params``, the point the rule is called at: the caller's
+    ``loss_fn.known_loss`` when it has one, else evaluated."""
+    known = loss_fn.known_loss
+    return known if known is not None else loss_fn(params)
+
+
 def required_loss_fn(
     rule: str,
     loss_fn: LossFn | Callable[[Params], Tensor] | None,

@@ -24,6 +24,7 @@ from l2o.optim.base import (
     Step,
     UpdateRule,
     check_hyperparameter,
+    loss_at_call,
     required_loss_fn,
 )
 from l2o.optim.rules import Adam
@@ -94,7 +95,7 @@ class RandomSearch(UpdateRule):
     ) -> tuple[Params, State]:
         loss_fn = _needs("RandomSearch", loss_fn)
         sigma = state["sigma"]
-        best_loss = loss_fn(params) if loss_fn.known_loss is None else loss_fn.known_loss
+        best_loss = loss_at_call(loss_fn, params)
         best = {k: torch.zeros_like(p) for k, p in params.items()}
         success = torch.zeros((), dtype=torch.bool, device=sigma.device)
         for _ in range(self.samples):

@@ -43,6 +43,7 @@ from l2o.optim.base import (
     Step,
     UpdateRule,
     check_hyperparameter,
+    loss_at_call,
     lr_at,
     required_loss_fn,
 )
@@ -550,7 +551,5 @@ def _along(
 
 
 def initial_loss(loss_fn: LossFn, params: Params) -> float:
-    if loss_fn.known_loss is not None:
-        return float(loss_fn.known_loss)
     with torch.no_grad():
-        return float(loss_fn(params))
+        return float(loss_at_call(loss_fn, params))
