@@ -6,8 +6,10 @@ port implements its architecture), populations P. Paths:
 
 * ``forward``: ``l2o.meta.unroll.unroll`` as ES/PES run it (per-member meta-parameters, no
   autograd), eager;
-* ``forward, compiled``: the same with ``compile=True`` (one ``torch.compile``d graph per inner
-  step; compilation happens in the warm-up and is reported separately);
+* ``forward, compiled``: the same with ``compile=True`` (the truncation as one ``torch.compile``d
+  scan over its steps; compilation happens in the warm-up and is reported separately);
+* ``forward, compiled per step``: the compiled path before the scan, one compiled graph per
+  inner step called from a Python loop (for the ratio between the two);
 * ``tbptt``: the eager unroll with autograd to the meta-parameters, forward and backward;
 * ``loop``: the same arithmetic one instance at a time in a Python loop (``--loop``), the naive
   way to train a population (its rate does not depend on P; timed on at most 8 instances).
@@ -35,7 +37,12 @@ from torch.func import grad_and_value
 
 from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
 from l2o.meta.losses import get_meta_loss
-from l2o.meta.unroll import init_carry, unroll
+from l2o.meta.unroll import (
+    _compiled_forward_inner_step,
+    init_carry,
+    population_batch,
+    unroll,
+)
 from l2o.optim.base import apply_updates
 from l2o.tasks.registry import get_task
 
@@ -74,6 +81,21 @@ class Setup:
                 population_meta_params=self.stacked,
                 compile=compile,
             )
+
+    def forward_per_step(self) -> None:
+        """The compiled forward path as it was before the scan: one compiled graph per inner
+        step, called from a Python loop (``_compiled_forward_inner_step``, the path
+        ``unroll(compile=True, eval_mode="each")`` still takes), for the side-by-side ratio."""
+        seeds = self.seeds.tolist()
+        params, state, step = self.carry["params"], self.carry["opt_state"], self.carry["step"]
+        first = self.carry["step"].tolist()
+        with torch.no_grad():
+            for k in range(self.steps):
+                batch = population_batch(self.task, seeds, [s + k for s in first], "train")
+                params, state, _ = _compiled_forward_inner_step(
+                    self.lopt.rule, self.task, params, state, step, batch, self.stacked
+                )
+                step = step + 1
 
     def tbptt(self) -> None:
         meta = {k: v.detach().requires_grad_() for k, v in self.meta.items()}
@@ -180,6 +202,7 @@ def main() -> None:
             paths = {
                 "forward": (lambda s=setup: s.forward(compile=False), n),
                 "forward, compiled": (lambda s=setup: s.forward(compile=True), n),
+                "forward, compiled per step": (setup.forward_per_step, n),
                 "tbptt": (setup.tbptt, n),
             }
             if args.loop:
@@ -199,7 +222,8 @@ def main() -> None:
                 jax_tbptt = rates["JAX jit(grad(vmap(scan))) tbptt"][0]
                 print(
                     f"\nP={population}: l2o / JAX, forward eager {base / jax_forward:.2f}x, "
-                    f"forward compiled {rates['forward, compiled'][0] / jax_forward:.2f}x, "
+                    f"forward compiled {rates['forward, compiled'][0] / jax_forward:.2f}x "
+                    f"(per step {rates['forward, compiled per step'][0] / jax_forward:.2f}x), "
                     f"tbptt {rates['tbptt'][0] / jax_tbptt:.2f}x\n",
                     flush=True,
                 )

@@ -392,6 +392,32 @@ def test_the_same_generator_seed_gives_the_same_estimates():
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
+def test_compiled_pes_gives_the_eager_estimates():
+    """``compile=True`` (one compiled scan per truncation) over episodes of 5 steps in
+    truncations of 2: the last truncation of each episode is shorter, and the estimates are
+    the eager ones."""
+    lopt = MomentumLOpt()
+    runs = []
+    for compile in (False, True):
+        est = PES(
+            lopt,
+            Quadratic(noise=0.2),
+            population=4,
+            truncation=2,
+            horizon=5,
+            sigma=0.1,
+            compile=compile,
+        )
+        meta, g = _meta(lopt), _gen(7)
+        state, grads = est.init(meta, g), []
+        for _ in range(4):  # across an episode boundary
+            result = est.estimate(meta, state, g)
+            state = result.state
+            grads.append(result.grads)
+        runs.append(grads)
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-7)
+
+
 def test_metrics_report_the_truncation():
     lopt = MomentumLOpt()
     result = get_estimator("es", lopt=lopt, task=Quadratic(), population=4, truncation=3, horizon=9)

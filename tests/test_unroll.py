@@ -247,30 +247,42 @@ def _per_member_setup(lopt, task, population=4):
     return stacked, init_carry(lopt.rule, task, seeds, population_meta_params=stacked)
 
 
-def _assert_compiled_unroll_matches_eager(lopt, task, steps, rtol, schedule=None):
+def _assert_compiled_unroll_matches_eager(lopt, task, steps, rtol, schedule=None, eval_mode="none"):
     stacked, carry = _per_member_setup(lopt, task)
-    kw = dict(population_meta_params=stacked, update_schedule=schedule)
+    kw = dict(population_meta_params=stacked, update_schedule=schedule, eval_mode=eval_mode)
     with torch.no_grad():
         eager = unroll(lopt.rule, task, carry, steps, **kw)
         compiled = unroll(lopt.rule, task, carry, steps, compile=True, **kw)
-        # A second truncation from the compiled one's carry (with a schedule, over another
-        # episode length: the factor is an input of the graph, not a constant in it).
+        # A second, shorter truncation from the compiled one's carry (an episode's last one;
+        # with a schedule, over another episode length: the factor is an input of the graph,
+        # not a constant in it).
         if schedule is not None:
             kw["update_schedule"] = Cosine(lr=1.0, total_steps=schedule.total_steps + 7)
-        again = unroll(lopt.rule, task, compiled.carry, steps, compile=True, **kw)
-        reference = unroll(lopt.rule, task, eager.carry, steps, **kw)
+        # ... with the same graph: its length is a dynamic dimension.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = unroll(lopt.rule, task, compiled.carry, steps - 1, compile=True, **kw)
+        reference = unroll(lopt.rule, task, eager.carry, steps - 1, **kw)
     torch.testing.assert_close(compiled.losses, eager.losses, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(compiled.terms, eager.terms, rtol=rtol, atol=1e-7)
     torch.testing.assert_close(again.losses, reference.losses, rtol=rtol, atol=1e-7)
-    for k in eager.carry["params"]:
-        torch.testing.assert_close(
-            again.carry["params"][k], reference.carry["params"][k], rtol=rtol, atol=1e-7
-        )
+    torch.testing.assert_close(again.terms, reference.terms, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(again.carry, reference.carry, rtol=rtol, atol=1e-7)
 
 
 @pytest.mark.parametrize("schedule", [None, Cosine(lr=1.0, total_steps=9)])
-def test_compiled_inner_steps_equal_the_eager_unroll(schedule):
+def test_compiled_truncations_equal_the_eager_unroll(schedule):
+    """One compiled scan per truncation, of any length (the shorter second one)."""
     _assert_compiled_unroll_matches_eager(
         MomentumLOpt(decay=0.3), Quadratic(noise=0.2), 4, 1e-6, schedule
+    )
+
+
+@pytest.mark.parametrize("eval_mode", ["final", "each"])
+def test_compiled_truncations_with_held_out_losses_equal_the_eager_unroll(eval_mode):
+    """``final``: the scan, then one held-out evaluation; ``each``: compiled steps, each
+    followed by its held-out evaluation."""
+    _assert_compiled_unroll_matches_eager(
+        MomentumLOpt(decay=0.3), Quadratic(noise=0.2), 3, 1e-6, eval_mode=eval_mode
     )
 
 

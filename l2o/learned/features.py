@@ -48,8 +48,11 @@ def tanh_step_embedding(
     or a (vmapped) 0-dim tensor.
     """
     step_f = step.to(dtype) if isinstance(step, Tensor) else torch.tensor(float(step), dtype=dtype)
-    scales = torch.tensor(list(timescales), dtype=dtype, device=device)
-    return torch.tanh(step_f.to(device).unsqueeze(-1) / scales - 1.0)
+    step_f = step_f.to(device)
+    # One division per timescale by a Python number, not by a tensor of the timescales: a
+    # tensor built here would be a constant of a compiled graph, which Inductor does not pass
+    # into the body of a compiled scan (l2o.meta.unroll, torch 2.13).
+    return torch.tanh(torch.stack([step_f / tau for tau in timescales], dim=-1) - 1.0)
 
 
 def logit(p: float) -> float:

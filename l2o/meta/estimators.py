@@ -403,8 +403,9 @@ class ES(TruncatedEstimator):
 
     Args (besides :class:`TruncatedEstimator`'s):
         sigma: standard deviation of the meta-parameter perturbations.
-        compile: run every inner step as one ``torch.compile``d graph (``l2o.meta.unroll``);
-            the first truncation then pays the compilation (tens of seconds on a CPU).
+        compile: run every truncation as one ``torch.compile``d graph, a scan over its inner
+            steps (``l2o.meta.unroll``); the first truncation then pays the compilation (tens
+            of seconds on a CPU).
     """
 
     name: ClassVar[str] = "es"

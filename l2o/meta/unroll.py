@@ -26,11 +26,17 @@ Either one rule is shared by the whole population, or (ES, PES) each member has 
 meta-parameters: pass ``rule`` as a function ``meta_params -> UpdateRule`` (``lopt.rule``) and
 ``population_meta_params`` stacked along dim 0.
 
-``compile=True`` runs each inner step of that forward (ES, PES) path as one ``torch.compile``d
-graph: the vmapped gradient, the vmapped rule update and the parameter update fused by
-Inductor, instead of hundreds of small eager ops whose Python and dispatch overhead dominates
-for small inner networks. The eager path is the oracle it is tested against. Under autograd
-(TBPTT) compiling the step gave no speed-up here (BENCHMARKS.md), so it is not offered there.
+``compile=True`` runs the forward (ES, PES) path compiled: the vmapped gradient, the vmapped
+rule update and the parameter update fused by Inductor, instead of hundreds of small eager ops
+whose Python and dispatch overhead dominates for small inner networks. The whole truncation is
+one graph, a ``scan`` over its ``K`` steps (``torch._higher_order_ops.scan``, the counterpart
+of JAX's ``lax.scan``): the step's body is compiled once and looped inside the graph, so no
+Python runs between inner steps and the minibatches are gathered up front. Its length is a
+dynamic dimension, so an episode's shorter last truncation reuses the graph. With
+``eval_mode="each"`` (a held-out evaluation after every step, outside the graph) each step is a
+compiled graph of its own instead. The eager path is the oracle both are tested against. Under
+autograd (TBPTT) compiling the step gave no speed-up here (BENCHMARKS.md), so it is not offered
+there.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
@@ -184,6 +191,64 @@ def _forward_inner_step(factory, task: Task, params, state, step, batch, meta, s
 _compiled_forward_inner_step = torch.compile(_forward_inner_step, dynamic=False)
 
 
+def _scanned_forward_truncation(factory, task: Task, params, state, step, batches, scales, meta):
+    """``K`` inner steps of every member with its own meta-parameters as one ``scan``:
+    ``batches`` (and ``scales``, or None) carry the steps along dim 0. Returns the new params,
+    state, step and the ``[K, P]`` losses."""
+
+    def body(carry, xs):
+        params, state, step = carry
+        batch, scale = xs if scales is not None else (xs, None)
+        params, state, loss = _forward_inner_step(
+            factory, task, params, state, step, batch, meta, scale
+        )
+        # scan asks for a carry that aliases none of its inputs and keeps their layout.
+        fresh = tree_map_only(Tensor, _fresh_contiguous, (params, state, step + 1))
+        return fresh, loss.clone()
+
+    xs = batches if scales is None else (batches, scales)
+    (params, state, step), losses = scan(body, (params, state, step), xs)
+    return params, state, step, losses
+
+
+def _fresh_contiguous(t: Tensor) -> Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+#: One graph per task structure and rule factory, whatever the truncation's length. On the CPU
+#: the graph's wrapper is C++ (``cpp_wrapper``): the scan's loop then runs no Python between
+#: steps, 1.3-1.7x faster for the issue's MLP task (BENCHMARKS.md). Not measured on CUDA, which
+#: keeps Inductor's default.
+_compiled_forward_truncation = {
+    "cpu": torch.compile(
+        _scanned_forward_truncation,
+        fullgraph=True,
+        dynamic=False,
+        options={"cpp_wrapper": True},
+    ),
+    "other": torch.compile(_scanned_forward_truncation, fullgraph=True, dynamic=False),
+}
+
+
+def _compiled_truncation(
+    factory, task: Task, carry: Carry, batches: list[Batch], scales, meta
+) -> tuple[Params, State, Tensor, Tensor]:
+    """:func:`_compiled_forward_truncation` on the carry and the steps' minibatches, stacked
+    along a new leading dim that is marked dynamic (one graph for every length)."""
+    stacked = tuple(torch.stack(parts) for parts in zip(*batches))
+    xs = [*stacked, *([] if scales is None else [scales])]
+    for x in xs:
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+    # scan's carry keeps its inputs' layout: hand it the layout the body returns (an initial
+    # carry can hold expanded tensors, and an empty one any strides).
+    params, state, step = tree_map_only(
+        Tensor, _fresh_contiguous, (carry["params"], carry["opt_state"], carry["step"])
+    )
+    device = "cpu" if carry["step"].device.type == "cpu" else "other"
+    compiled = _compiled_forward_truncation[device]
+    return compiled(factory, task, params, state, step, stacked, scales, meta)
+
+
 def unroll(
     rule: RuleOrFactory,
     task: Task,
@@ -210,8 +275,9 @@ def unroll(
             (``torch.utils.checkpoint``, non-reentrant) so BPTT memory does not grow with the
             inner network's activations times K. Not for rules that call ``torch.func``
             themselves (``needs_loss_fn`` rules that differentiate ``loss_fn``).
-        compile: run each inner step as one compiled graph (see the module docstring); only
-            with ``population_meta_params`` and without autograd (the ES/PES path).
+        compile: run the truncation as one compiled scan (each step as a compiled graph with
+            ``eval_mode="each"``; see the module docstring); only with
+            ``population_meta_params`` and without autograd (the ES/PES path).
         update_schedule: a factor of each member's step index (``[P]`` int64 in, ``[P]``
             out; e.g. :func:`l2o.optim.schedules.run_annealing` over the episode's length)
             that multiplies its updates; the rule's state is not affected. None: no factor.
@@ -263,6 +329,31 @@ def unroll(
     def held_out(params: Params, offset: int) -> Tensor:
         return held_out_losses(task, params, seeds, member_steps(offset))
 
+    def finish(params, state, step, losses: list[Tensor], evals: list[Tensor]) -> Unroll:
+        # The last update's score: the training loss on the next step's batch.
+        final_batch = population_batch(task, seeds, member_steps(num_steps), "train")
+        final = vmap(task.loss)(params, final_batch)
+        if eval_mode == "final":
+            evals.append(held_out(params, num_steps))
+        terms = MetaLossTerms(
+            train=torch.stack([*losses[1:], final]),
+            initial=carry["initial_loss"],
+            eval=torch.stack(evals) if evals else None,
+        )
+        new_carry = dict(carry, params=params, opt_state=state, step=step)
+        return Unroll(new_carry, torch.stack(losses), terms)
+
+    if compile and eval_mode != "each":
+        steps = range(num_steps)
+        batches = [population_batch(task, seeds, member_steps(k), "train") for k in steps]
+        scales = None
+        if update_schedule is not None:
+            scales = torch.stack([update_schedule(step + k) for k in steps])
+        params, state, step, losses = _compiled_truncation(
+            rule, task, carry, batches, scales, population_meta_params
+        )
+        return finish(params, state, step, list(losses), [])
+
     losses, evals = [], []
     for k in range(num_steps):
         batch = population_batch(task, seeds, member_steps(k), "train")
@@ -277,18 +368,7 @@ def unroll(
         if eval_mode == "each":
             evals.append(held_out(params, k + 1))
 
-    final_batch = population_batch(task, seeds, member_steps(num_steps), "train")
-    final = vmap(task.loss)(params, final_batch)
-    if eval_mode == "final":
-        evals.append(held_out(params, num_steps))
-
-    new_carry = dict(carry, params=params, opt_state=state, step=step)
-    terms = MetaLossTerms(
-        train=torch.stack([*losses[1:], final]),
-        initial=carry["initial_loss"],
-        eval=torch.stack(evals) if evals else None,
-    )
-    return Unroll(new_carry, torch.stack(losses), terms)
+    return finish(params, state, step, losses, evals)
 
 
 def held_out_losses(
