@@ -30,8 +30,9 @@ meta-parameters: pass ``rule`` as a function ``meta_params -> UpdateRule`` (``lo
 rule update and the parameter update fused by Inductor, instead of hundreds of small eager ops
 whose Python and dispatch overhead dominates for small inner networks. The whole truncation is
 one graph, a ``scan`` over its ``K`` steps (``torch._higher_order_ops.scan``, the counterpart
-of JAX's ``lax.scan``): the step's body is compiled once and looped inside the graph, so no
-Python runs between inner steps and the minibatches are gathered up front. Its length is a
+of JAX's ``lax.scan``): the step's body is compiled once and looped inside the graph, the
+minibatches gathered up front; on the CPU the graph's wrapper is C++, so no Python runs between
+inner steps (on CUDA Inductor's Python wrapper drives the loop). Its length is a
 dynamic dimension, so an episode's shorter last truncation reuses the graph. With
 ``eval_mode="each"`` (a held-out evaluation after every step, outside the graph) each step is a
 compiled graph of its own instead. The eager path is the oracle both are tested against. Under
@@ -217,8 +218,8 @@ def _fresh_contiguous(t: Tensor) -> Tensor:
 
 #: One graph per task structure and rule factory, whatever the truncation's length. On the CPU
 #: the graph's wrapper is C++ (``cpp_wrapper``): the scan's loop then runs no Python between
-#: steps, 1.3-1.7x faster for the issue's MLP task (BENCHMARKS.md). Not measured on CUDA, which
-#: keeps Inductor's default.
+#: steps, 1.3-1.7x faster than with Inductor's Python wrapper for the issue's MLP task
+#: (BENCHMARKS.md). Not measured on CUDA, which keeps Inductor's default.
 _compiled_forward_truncation = {
     "cpu": torch.compile(
         _scanned_forward_truncation,
@@ -236,9 +237,9 @@ def _compiled_truncation(
     """:func:`_compiled_forward_truncation` on the carry and the steps' minibatches, stacked
     along a new leading dim that is marked dynamic (one graph for every length)."""
     stacked = tuple(torch.stack(parts) for parts in zip(*batches))
-    xs = [*stacked, *([] if scales is None else [scales])]
-    for x in xs:
-        torch._dynamo.maybe_mark_dynamic(x, 0)
+    for x in (*stacked, scales):
+        if x is not None:  # no schedule: no scales
+            torch._dynamo.maybe_mark_dynamic(x, 0)
     # scan's carry keeps its inputs' layout: hand it the layout the body returns (an initial
     # carry can hold expanded tensors, and an empty one any strides).
     params, state, step = tree_map_only(
