@@ -122,6 +122,10 @@ def test_fresh_run_refuses_to_clobber_an_existing_run_unless_told(tmp_path):
         (["checkpoint_every=-1"], r"^checkpoint_every: must be >= 0"),
         (["eval.seeds=-2"], r"^eval\.seeds: must be >= 0"),
         (["estimator.meta_loss=mse"], r"^estimator\.meta_loss: unknown meta-loss .*=mse \(known"),
+        (
+            ["estimator.truncation_weighting=final"],
+            r"^estimator\.truncation_weighting: unknown truncation weighting .*\(known: linear",
+        ),
         (["meta_grad_clip=-1"], r"^meta_grad_clip: must be a number >= 0"),
         (["seed=99999999999999999999"], r"^seed: must be <= "),
         (["seed=-1"], r"^seed: must be >= 0"),

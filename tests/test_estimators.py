@@ -8,7 +8,15 @@ import torch
 from _meta_fixtures import MomentumLOpt, Quadratic, QuadraticFamily
 
 from l2o.meta.base import GradientEstimator
-from l2o.meta.estimators import ES, PES, TruncatedBPTT, get_estimator, median_episode_length
+from l2o.meta.estimators import (
+    ES,
+    PES,
+    TRUNCATION_WEIGHTINGS,
+    TruncatedBPTT,
+    get_estimator,
+    median_episode_length,
+    truncation_weight,
+)
 from l2o.meta.losses import META_LOSSES, get_meta_loss
 from l2o.meta.unroll import init_carry, unroll
 
@@ -437,6 +445,51 @@ def test_metrics_report_the_truncation():
     assert metrics["inner_steps"] == 12.0 and metrics["episode_progress"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("weighting", TRUNCATION_WEIGHTINGS)
+def test_truncation_weights_average_one_over_an_episode_and_grow_towards_its_end(weighting):
+    horizon, k = 1000, 10
+    weights = [truncation_weight(weighting, start, k, horizon) for start in range(0, horizon, k)]
+    # The midpoint rule: exact for the linear weight, 1 - 1/(4 n^2) for the quadratic one.
+    assert sum(weights) / len(weights) == pytest.approx(1.0, abs=1e-4)
+    assert weights == sorted(weights)
+    if weighting != "uniform":
+        assert weights[0] < 0.02 and weights[-1] > 1.98
+    with pytest.raises(ValueError, match="truncation_weighting"):
+        truncation_weight("final", 0, k, horizon)
+
+
+@pytest.mark.parametrize("name", ["tbptt", "pes"])
+def test_a_weighted_truncation_estimate_is_the_uniform_one_times_its_weight(name):
+    """Over an episode of 3 truncations of 2 steps (with a shorter last one), each estimate is
+    the uniform estimator's on the same draws times 2x / 3x^2 of the truncation's midpoint."""
+    lopt = MomentumLOpt()
+    runs = {}
+    for weighting in TRUNCATION_WEIGHTINGS:
+        est = get_estimator(
+            name,
+            lopt=lopt,
+            task=Quadratic(noise=0.2),
+            population=4,
+            truncation=2,
+            horizon=5,
+            truncation_weighting=weighting,
+        )
+        meta, g = _meta(lopt), _gen(3)
+        state, found = est.init(meta, g), []
+        for _ in range(3):
+            result = est.estimate(meta, state, g)
+            state = result.state
+            found.append((result.grads, result.metrics["truncation_weight"]))
+        runs[weighting] = found
+    midpoints = [1 / 5, 3 / 5, 4.5 / 5]
+    for weighting, factor in (("linear", lambda x: 2 * x), ("quadratic", lambda x: 3 * x * x)):
+        for (grads, weight), (uniform, one), x in zip(runs[weighting], runs["uniform"], midpoints):
+            assert one == 1.0 and weight == pytest.approx(factor(x))
+            expected = {key: g * factor(x) for key, g in uniform.items()}
+            torch.testing.assert_close(grads, expected, rtol=1e-6, atol=1e-9)
+            assert any(bool(g.abs().max() > 1e-6) for g in uniform.values())
+
+
 def test_get_estimator_builds_registered_estimators_and_rejects_unknown_names():
     lopt, task = MomentumLOpt(), Quadratic()
     for name, cls in [("tbptt", TruncatedBPTT), ("es", ES), ("pes", PES)]:
@@ -463,6 +516,7 @@ def test_get_estimator_builds_registered_estimators_and_rejects_unknown_names():
         ("es", {"sigma": 0.0}, "sigma"),
         ("pes", {"sigma": -1.0}, "sigma"),
         ("pes", {"sigma": float("nan")}, "sigma"),
+        ("pes", {"truncation_weighting": "final"}, "truncation_weighting"),
     ],
 )
 def test_bad_configuration_is_rejected_naming_the_key(name, kwargs, key):

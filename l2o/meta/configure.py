@@ -157,7 +157,11 @@ def check_run_dir(cfg: DictConfig) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check everything that can be checked without building anything; raise ConfigError."""
     from l2o.learned.base import LOpt
-    from l2o.meta.estimators import HORIZON_SCHEDULES, TruncatedEstimator
+    from l2o.meta.estimators import (
+        HORIZON_SCHEDULES,
+        TRUNCATION_WEIGHTINGS,
+        TruncatedEstimator,
+    )
     from l2o.meta.losses import META_LOSSES
     from l2o.optim.base import UpdateRule
     from l2o.tasks.base import Task, TaskFamily
@@ -214,6 +218,10 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if OmegaConf.select(cfg, "estimator.horizon_schedule") is not None:
         _one_of(cfg, "estimator.horizon_schedule", HORIZON_SCHEDULES, "horizon schedule")
+    if OmegaConf.select(cfg, "estimator.truncation_weighting") is not None:
+        _one_of(
+            cfg, "estimator.truncation_weighting", TRUNCATION_WEIGHTINGS, "truncation weighting"
+        )
     for key in ("estimator.meta_loss", "eval.meta_loss"):
         _one_of(cfg, key, list(META_LOSSES), "meta-loss")
     check_int(cfg, "eval.seeds", low=0, high=MAX_POPULATION)

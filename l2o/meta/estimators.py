@@ -70,6 +70,32 @@ from l2o.tasks.base import Task, TaskFamily
 from l2o.validation import boolean, log_uniform, positive_int
 
 HORIZON_SCHEDULES = ("constant", "log_uniform")
+TRUNCATION_WEIGHTINGS = ("uniform", "linear", "quadratic")
+
+
+def truncation_weight(weighting: str, start: int, num_steps: int, horizon: int) -> float:
+    """The factor on the gradient estimate of the truncation over steps ``[start, start +
+    num_steps)`` of a ``horizon``-step episode. With ``x`` the truncation's midpoint as a
+    fraction of the episode: ``uniform`` 1, ``linear`` ``2 x``, ``quadratic`` ``3 x^2`` -- each
+    of mean 1 over an episode (the integral over ``x`` in [0, 1]), so the meta-gradient's scale
+    and the learning rate keep their meaning while the episode's end weighs more.
+
+    Every estimator's estimate is linear in its truncation's meta-loss, so weighting the
+    estimate is weighting that truncation's term of the episode's meta-loss: ``sum_t w_t L_t``
+    instead of ``sum_t L_t``. A meta-objective weighted to the end of training asks the learned
+    optimizer for a low loss late in a run rather than fast early progress (the greedy
+    behaviour that short-horizon meta-training is known for; Wu et al., ICLR 2018)."""
+    x = (start + num_steps / 2) / horizon
+    if weighting == "uniform":
+        return 1.0
+    if weighting == "linear":
+        return 2.0 * x
+    if weighting == "quadratic":
+        return 3.0 * x * x
+    raise ValueError(
+        f"truncation_weighting must be one of {TRUNCATION_WEIGHTINGS}, got {weighting!r}"
+    )
+
 
 _SEED_HIGH = 2**31 - 1
 #: Tasks kept built per estimator (a family's tasks are rebuilt from their seed when evicted).
@@ -128,6 +154,9 @@ class TruncatedEstimator(GradientEstimator):
             :data:`l2o.optim.schedules.RUN_ANNEALINGS` (``constant``: none; ``cosine``: from
             1 to 0 at the episode's end). A checkpoint meta-trained with one is deployed with
             it over the user's run length (``LearnedOptimizer(total_steps=...)``, ``l2o-eval``).
+        truncation_weighting: how much each truncation's estimate counts by where it lies in
+            its episode (:func:`truncation_weight`): ``uniform``, or ``linear`` / ``quadratic``
+            to weigh the episode's end more.
     """
 
     name: ClassVar[str] = "truncated"
@@ -147,6 +176,7 @@ class TruncatedEstimator(GradientEstimator):
         horizon_schedule: str = "constant",
         min_horizon: int | None = None,
         update_schedule: str = "constant",
+        truncation_weighting: str = "uniform",
     ) -> None:
         self.population = positive_int("population", population)
         self.truncation = positive_int("truncation", truncation)
@@ -174,6 +204,12 @@ class TruncatedEstimator(GradientEstimator):
                 f"min_horizon ({self.min_horizon}) must be <= horizon (T={self.horizon})"
             )
         self.update_schedule = check_update_schedule(update_schedule)
+        if truncation_weighting not in TRUNCATION_WEIGHTINGS:
+            raise ValueError(
+                f"truncation_weighting must be one of {TRUNCATION_WEIGHTINGS}, "
+                f"got {truncation_weighting!r}"
+            )
+        self.truncation_weighting = truncation_weighting
         try:
             self.meta_loss = get_meta_loss(meta_loss)
         except ValueError as err:
@@ -307,7 +343,8 @@ class TruncatedEstimator(GradientEstimator):
         truncation's last update), ``nonfinite`` (NaN/inf inner losses; the meta-gradient is
         then non-finite too, and the episode restarts), ``inner_steps`` (task-steps, P x K),
         ``truncation`` (index within the episode), ``episode``, ``horizon``,
-        ``episode_progress`` (fraction of the episode done) and ``episode_done``.
+        ``episode_progress`` (fraction of the episode done), ``episode_done`` and
+        ``truncation_weight`` (the factor on this estimate, :func:`truncation_weight`).
         """
         task = self.task_for(state["task_seed"])
         done = int(state["episode_step"])
@@ -321,6 +358,9 @@ class TruncatedEstimator(GradientEstimator):
         grads, changed, result, meta_losses = self._truncation(
             meta_params, state, task, num_steps, generator
         )
+        weight = truncation_weight(self.truncation_weighting, done, num_steps, horizon)
+        if weight != 1.0:
+            grads = {k: g * weight for k, g in grads.items()}
         finite = finite_losses(result)
         nonfinite = int((~finite).sum())
         bad = self._bad_instances(~finite.all(dim=0))
@@ -336,6 +376,7 @@ class TruncatedEstimator(GradientEstimator):
             "horizon": float(horizon),
             "episode_progress": (done + num_steps) / horizon,
             "episode_done": float(episode_done),
+            "truncation_weight": weight,
         }
         if episode_done:
             new_state = self._start_episode(meta_params, int(state["episode"]) + 1, generator)
