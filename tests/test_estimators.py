@@ -102,6 +102,15 @@ def test_es_and_pes_agree_with_tbptt_within_standard_error(cls):
     assert _cosine(samples[0], true) > 0.5
 
 
+def _estimates(est, meta, g, count):
+    """The first ``count`` estimates of ``est`` from a fresh init, in order."""
+    state, results = est.init(meta, g), []
+    for _ in range(count):
+        results.append(est.estimate(meta, state, g))
+        state = results[-1].state
+    return results
+
+
 def _episode_sum(est, meta, g):
     """Sum of an estimator's estimates over one whole episode (from a fresh init)."""
     state, total = est.init(meta, g), None
@@ -390,13 +399,7 @@ def test_the_same_generator_seed_gives_the_same_estimates():
     runs = []
     for _ in range(2):
         est = PES(lopt, Quadratic(noise=0.2), population=4, truncation=2, horizon=4, sigma=0.1)
-        meta, g = _meta(lopt), _gen(7)
-        state, grads = est.init(meta, g), []
-        for _ in range(3):
-            result = est.estimate(meta, state, g)
-            state = result.state
-            grads.append(result.grads)
-        runs.append(grads)
+        runs.append([r.grads for r in _estimates(est, _meta(lopt), _gen(7), 3)])
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
@@ -416,13 +419,8 @@ def test_compiled_pes_gives_the_eager_estimates():
             sigma=0.1,
             compile=compile,
         )
-        meta, g = _meta(lopt), _gen(7)
-        state, grads = est.init(meta, g), []
-        for _ in range(4):  # across an episode boundary
-            result = est.estimate(meta, state, g)
-            state = result.state
-            grads.append(result.grads)
-        runs.append(grads)
+        # Four truncations: across an episode boundary.
+        runs.append([r.grads for r in _estimates(est, _meta(lopt), _gen(7), 4)])
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-7)
 
 
@@ -474,13 +472,10 @@ def test_a_weighted_truncation_estimate_is_the_uniform_one_times_its_weight(name
             horizon=5,
             truncation_weighting=weighting,
         )
-        meta, g = _meta(lopt), _gen(3)
-        state, found = est.init(meta, g), []
-        for _ in range(3):
-            result = est.estimate(meta, state, g)
-            state = result.state
-            found.append((result.grads, result.metrics["truncation_weight"]))
-        runs[weighting] = found
+        runs[weighting] = [
+            (r.grads, r.metrics["truncation_weight"])
+            for r in _estimates(est, _meta(lopt), _gen(3), 3)
+        ]
     midpoints = [1 / 5, 3 / 5, 4.5 / 5]
     for weighting, factor in (("linear", lambda x: 2 * x), ("quadratic", lambda x: 3 * x * x)):
         for (grads, weight), (uniform, one), x in zip(runs[weighting], runs["uniform"], midpoints):

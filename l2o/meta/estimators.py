@@ -70,7 +70,22 @@ from l2o.tasks.base import Task, TaskFamily
 from l2o.validation import boolean, log_uniform, positive_int
 
 HORIZON_SCHEDULES = ("constant", "log_uniform")
-TRUNCATION_WEIGHTINGS = ("uniform", "linear", "quadratic")
+#: Each weighting as a function of the truncation's midpoint ``x`` in [0, 1], of mean 1.
+_TRUNCATION_WEIGHTS = {
+    "uniform": lambda x: 1.0,
+    "linear": lambda x: 2.0 * x,
+    "quadratic": lambda x: 3.0 * x * x,
+}
+TRUNCATION_WEIGHTINGS = tuple(_TRUNCATION_WEIGHTS)
+
+
+def check_truncation_weighting(weighting: str) -> str:
+    """``weighting`` if it names a truncation weighting, else ValueError naming the choices."""
+    if weighting not in _TRUNCATION_WEIGHTS:
+        raise ValueError(
+            f"truncation_weighting must be one of {TRUNCATION_WEIGHTINGS}, got {weighting!r}"
+        )
+    return weighting
 
 
 def truncation_weight(weighting: str, start: int, num_steps: int, horizon: int) -> float:
@@ -85,16 +100,8 @@ def truncation_weight(weighting: str, start: int, num_steps: int, horizon: int) 
     instead of ``sum_t L_t``. A meta-objective weighted to the end of training asks the learned
     optimizer for a low loss late in a run rather than fast early progress (the greedy
     behaviour that short-horizon meta-training is known for; Wu et al., ICLR 2018)."""
-    x = (start + num_steps / 2) / horizon
-    if weighting == "uniform":
-        return 1.0
-    if weighting == "linear":
-        return 2.0 * x
-    if weighting == "quadratic":
-        return 3.0 * x * x
-    raise ValueError(
-        f"truncation_weighting must be one of {TRUNCATION_WEIGHTINGS}, got {weighting!r}"
-    )
+    midpoint = (start + num_steps / 2) / horizon
+    return _TRUNCATION_WEIGHTS[check_truncation_weighting(weighting)](midpoint)
 
 
 _SEED_HIGH = 2**31 - 1
@@ -204,12 +211,7 @@ class TruncatedEstimator(GradientEstimator):
                 f"min_horizon ({self.min_horizon}) must be <= horizon (T={self.horizon})"
             )
         self.update_schedule = check_update_schedule(update_schedule)
-        if truncation_weighting not in TRUNCATION_WEIGHTINGS:
-            raise ValueError(
-                f"truncation_weighting must be one of {TRUNCATION_WEIGHTINGS}, "
-                f"got {truncation_weighting!r}"
-            )
-        self.truncation_weighting = truncation_weighting
+        self.truncation_weighting = check_truncation_weighting(truncation_weighting)
         try:
             self.meta_loss = get_meta_loss(meta_loss)
         except ValueError as err:
