@@ -126,6 +126,11 @@ def test_fresh_run_refuses_to_clobber_an_existing_run_unless_told(tmp_path):
             ["estimator.truncation_weighting=final"],
             r"^estimator\.truncation_weighting: unknown truncation weighting .*\(known: linear",
         ),
+        (
+            ["estimator.update_schedule=exponential"],
+            r"^estimator\.update_schedule: unknown update schedule .*\(known: constant, cosine",
+        ),
+        (["deploy_schedule=step"], r"^deploy_schedule: unknown update schedule .*known: .*wsd"),
         (["meta_grad_clip=-1"], r"^meta_grad_clip: must be a number >= 0"),
         (["seed=99999999999999999999"], r"^seed: must be <= "),
         (["seed=-1"], r"^seed: must be >= 0"),

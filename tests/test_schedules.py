@@ -197,6 +197,20 @@ TWINS = {
         ),
         1.0,
     ),
+    # Warmup-stable-decay without the warmup (run_annealing("wsd")): lr, then linear to 0 over
+    # the last 20% of the run.
+    "stable_decay": (
+        S.stable_decay(0.5, 250, 0.2),
+        lambda o: torch_sched.SequentialLR(
+            o,
+            [
+                torch_sched.ConstantLR(o, factor=1.0, total_iters=200),
+                torch_sched.LinearLR(o, start_factor=1.0, end_factor=0.0, total_iters=50),
+            ],
+            milestones=[200],
+        ),
+        0.5,
+    ),
 }
 
 CYCLIC_TWINS = {
@@ -378,3 +392,26 @@ def test_bad_hyperparameters_raise_a_clear_error(cls, kwargs, message):
 def test_bad_python_step_raises(step):
     with pytest.raises(ValueError, match="step must be"):
         S.Cosine(1.0, 10)(step)
+
+
+def test_stable_decay_lengths_and_errors():
+    # The decay takes round(fraction * total) steps, at least one, at most the whole run.
+    assert S.stable_decay(1.0, 10, 0.2)(7) == 1.0
+    assert S.stable_decay(1.0, 10, 0.2)(9) == pytest.approx(0.5)
+    assert S.stable_decay(1.0, 10, 0.2)(10) == 0.0
+    assert S.stable_decay(1.0, 3, 0.1)(2) == 1.0  # one decay step, reaching 0 at step 3
+    assert S.stable_decay(1.0, 3, 0.1)(3) == 0.0
+    assert S.stable_decay(1.0, 1, 0.5) == S.Polynomial(1.0, total_steps=1)
+    assert S.stable_decay(1.0, 4, 1.0) == S.Polynomial(1.0, total_steps=4)
+    for fraction in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="decay_fraction"):
+            S.stable_decay(1.0, 10, fraction)
+    with pytest.raises(ValueError, match="total_steps"):
+        S.stable_decay(1.0, 0, 0.2)
+
+
+def test_a_schedule_of_a_batched_lr_runs_under_vmap():
+    # l2o-eval tunes a population of lrs at once: each member's annealing holds its own lr.
+    lrs = torch.tensor([0.1, 0.2])
+    at = torch.func.vmap(lambda lr: S.stable_decay(lr, 10, 0.2)(torch.tensor([0, 9, 10])))(lrs)
+    torch.testing.assert_close(at.float(), torch.tensor([[0.1, 0.05, 0.0], [0.2, 0.1, 0.0]]))

@@ -91,6 +91,8 @@ def test_run_annealing_names_and_errors():
     assert run_annealing("constant", 10) is None
     assert run_annealing("cosine", 10) == Cosine(lr=1.0, total_steps=10)
     assert run_annealing("linear", 4)(torch.tensor([0, 2, 4])).tolist() == [1.0, 0.5, 0.0]
+    wsd = run_annealing("wsd", 10)(torch.arange(12)).tolist()
+    assert wsd == [1.0] * 9 + [0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="update_schedule must be one of"):
         run_annealing("exponential", 10)
 

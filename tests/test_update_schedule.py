@@ -15,7 +15,7 @@ from l2o.eval.contenders import learned_contenders, rule_contender
 from l2o.learned import OrthoMLPLOpt, save_checkpoint
 from l2o.learned.checkpoint import load_checkpoint, update_schedule_of
 from l2o.optim.base import apply_updates
-from l2o.optim.schedules import Cosine, run_annealing
+from l2o.optim.schedules import Cosine, run_annealing, stable_decay
 
 
 def _checkpoint(tmp_path, update_schedule):
@@ -65,6 +65,11 @@ def test_the_card_says_how_the_checkpoint_was_annealed(tmp_path):
     assert update_schedule_of({"config": {"estimator": {"horizon": 5}}}) == "constant"
     _, _, card = load_checkpoint(_checkpoint(tmp_path, "cosine"))
     assert update_schedule_of(card) == "cosine"
+    # A deployment schedule chosen after meta-training takes the place of the episodes' one.
+    config = {"estimator": {"update_schedule": "constant"}, "deploy_schedule": "wsd"}
+    assert update_schedule_of({"config": config}) == "wsd"
+    config = {"estimator": {"update_schedule": "cosine"}, "deploy_schedule": None}
+    assert update_schedule_of({"config": config}) == "cosine"
 
 
 def test_an_annealed_checkpoint_needs_total_steps_and_anneals_over_them(tmp_path):
@@ -120,6 +125,29 @@ def test_a_constant_checkpoint_ignores_total_steps(tmp_path):
     _train(a, l2o.LearnedOptimizer(a.parameters(), checkpoint=path), 3)
     _train(b, l2o.LearnedOptimizer(b.parameters(), checkpoint=path, total_steps=3), 3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_a_wsd_checkpoint_cools_down_over_total_steps_or_runs_its_stable_phase(tmp_path):
+    path = _checkpoint(tmp_path, "wsd")
+    lopt, meta, _ = load_checkpoint(path)
+    model = _model()
+    # With total_steps: constant for 8 of 10 steps, then linear to 0 (the functional reference).
+    ours = copy.deepcopy(model)
+    _train(ours, l2o.LearnedOptimizer(ours.parameters(), checkpoint=path, total_steps=10), 10)
+    expected = _functional(copy.deepcopy(model), lopt.rule(meta, lr=stable_decay(1.0, 10, 0.2)), 10)
+    for p, q in zip(ours.parameters(), expected.values()):
+        torch.testing.assert_close(p.detach(), q)
+    # Without: the constant-step optimizer (its stable phase), and a warning saying so.
+    stable = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="without that cool-down"):
+        opt = l2o.LearnedOptimizer(stable.parameters(), checkpoint=path)
+    _train(stable, opt, 10)
+    constant = _functional(copy.deepcopy(model), lopt.rule(meta), 10)
+    for p, q in zip(stable.parameters(), constant.values()):
+        torch.testing.assert_close(p.detach(), q)
+    assert not all(torch.allclose(p, q) for p, q in zip(stable.parameters(), ours.parameters()))
+    with pytest.warns(UserWarning, match="cool-down"):
+        l2o.GuardedLearnedOptimizer(model.parameters(), checkpoint=path)
 
 
 def test_the_guard_anneals_the_learned_candidate_not_the_fallback(tmp_path):

@@ -638,11 +638,15 @@ def is_inside_shipped(path: str | os.PathLike) -> bool:
 
 
 def update_schedule_of(card: Mapping[str, Any]) -> str:
-    """How the checkpoint's updates were annealed over each meta-training episode
-    (``estimator.update_schedule`` of the config it was trained with; ``"constant"`` for cards
-    without one): a :data:`l2o.optim.schedules.RUN_ANNEALINGS` name, to be applied over the
-    length of every run it trains."""
+    """How the checkpoint's updates are annealed over every run it trains: a
+    :data:`l2o.optim.schedules.RUN_ANNEALINGS` name.
+
+    The config's ``deploy_schedule`` when it names one (a schedule chosen for deployment, e.g.
+    ``wsd``'s cool-down on a checkpoint meta-trained with constant steps), else the schedule of
+    its meta-training episodes (``estimator.update_schedule``), else ``"constant"``."""
     config = card.get("config")
-    estimator = config.get("estimator") if isinstance(config, Mapping) else None
-    name = estimator.get("update_schedule") if isinstance(estimator, Mapping) else None
+    config = config if isinstance(config, Mapping) else {}
+    estimator = config.get("estimator")
+    trained = estimator.get("update_schedule") if isinstance(estimator, Mapping) else None
+    name = config.get("deploy_schedule") or trained
     return "constant" if name is None else str(name)

@@ -15,11 +15,15 @@ A checkpoint meta-trained with its updates annealed over each episode
     opt = l2o.LearnedOptimizer(model.parameters(), checkpoint="...", total_steps=10_000)
 
 and then anneals the same way over those steps (step ``total_steps`` and later ones are 0).
+For ``wsd`` (constant steps, then a linear cool-down over the last 20% of the run)
+``total_steps`` may be left out when the run's length is not known: the optimizer then takes the
+constant steps throughout, as in the first 80% of a meta-training episode, and warns.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -39,13 +43,18 @@ from l2o.validation import positive_int
 
 #: Key of the extra entry these classes add to ``state_dict``.
 IDENTITY_KEY = "l2o"
+#: Update schedules that leave the steps unchanged until their decay, so that a checkpoint
+#: meta-trained with one also runs without ``total_steps`` (its stable phase alone).
+HORIZON_FREE_UNTIL_DECAY = ("wsd",)
 
 
 class CheckpointedRules:
     """A learned optimizer loaded from a checkpoint, with its rule built once per device.
 
     ``total_steps``: the length of the run, required when the checkpoint was meta-trained with
-    an update schedule (``update_schedule``, from its card) and unused otherwise."""
+    an update schedule (``update_schedule``, from its card) and unused otherwise; optional for
+    ``wsd``, whose steps are the constant ones until the decay (without it: no decay, and a
+    warning)."""
 
     def __init__(self, checkpoint: str | os.PathLike, total_steps: int | None = None) -> None:
         self.path = resolve_checkpoint(checkpoint)
@@ -53,6 +62,16 @@ class CheckpointedRules:
         self.id = checkpoint_id(self.card)
         self.update_schedule = check_update_schedule(update_schedule_of(self.card))
         if self.update_schedule == "constant":
+            self.total_steps = None
+        elif total_steps is None and self.update_schedule in HORIZON_FREE_UNTIL_DECAY:
+            # Until its decay a wsd run is the constant-step optimizer, so a run of unknown
+            # length can take that phase alone; it loses the cool-down, hence the warning.
+            warnings.warn(
+                f"checkpoint {self.id} anneals its steps over the last part of each run "
+                f"({self.update_schedule}); without total_steps= it runs without that "
+                "cool-down (pass the number of optimizer steps your run will take)",
+                stacklevel=3,
+            )
             self.total_steps = None
         elif total_steps is None:
             raise ValueError(

@@ -164,6 +164,7 @@ def validate_config(cfg: DictConfig) -> None:
     )
     from l2o.meta.losses import META_LOSSES
     from l2o.optim.base import UpdateRule
+    from l2o.optim.schedules import RUN_ANNEALINGS
     from l2o.tasks.base import Task, TaskFamily
     from l2o.tracking import MODES
 
@@ -222,6 +223,9 @@ def validate_config(cfg: DictConfig) -> None:
         _one_of(
             cfg, "estimator.truncation_weighting", TRUNCATION_WEIGHTINGS, "truncation weighting"
         )
+    for key in ("estimator.update_schedule", "deploy_schedule"):
+        if OmegaConf.select(cfg, key) is not None:
+            _one_of(cfg, key, RUN_ANNEALINGS, "update schedule")
     for key in ("estimator.meta_loss", "eval.meta_loss"):
         _one_of(cfg, key, list(META_LOSSES), "meta-loss")
     check_int(cfg, "eval.seeds", low=0, high=MAX_POPULATION)

@@ -134,7 +134,8 @@ class Constant(Schedule):
         check_hyperparameter("lr", self.lr)
 
     def _lr(self, t: Tensor) -> Tensor:
-        return torch.full_like(t, self.lr)
+        # Not full_like: lr may be a tensor batched under vmap (a population's tuning grid).
+        return torch.zeros_like(t) + self.lr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,7 +484,10 @@ def get_schedule(name: str, **kwargs: Any) -> Schedule:
 
 #: Shapes of :func:`run_annealing`: how a learned optimizer's steps are scaled over a training
 #: run of known length (``constant``: not at all).
-RUN_ANNEALINGS = ("constant", "cosine", "linear")
+RUN_ANNEALINGS = ("constant", "cosine", "linear", "wsd")
+#: The share of a run over which ``wsd`` decays (Hägele et al., 2024: a 20% linear cool-down
+#: matches a cosine over the whole run).
+WSD_DECAY_FRACTION = 0.2
 
 
 def check_update_schedule(name: str) -> str:
@@ -496,7 +500,9 @@ def check_update_schedule(name: str) -> str:
 def run_annealing(name: str, total_steps: int, lr: float = 1.0) -> Schedule | None:
     """The factor that multiplies every update of a run of ``total_steps`` steps, from ``lr``
     at step 0 to 0 at ``total_steps`` (and 0 after): ``cosine`` (:class:`Cosine`), ``linear``
-    (:class:`Polynomial` with ``power=1``), or ``constant`` (None: no schedule).
+    (:class:`Polynomial` with ``power=1``), ``wsd`` (:func:`stable_decay`: ``lr`` until the last
+    :data:`WSD_DECAY_FRACTION` of the run, then linear to 0), or ``constant`` (None: no
+    schedule).
 
     A learned optimizer meta-trained with one (``estimator.update_schedule``, over each
     episode's drawn length) is told the length of the run it trains, as VeLO is (Metz et al.,
@@ -507,4 +513,24 @@ def run_annealing(name: str, total_steps: int, lr: float = 1.0) -> Schedule | No
         return None
     if name == "cosine":
         return Cosine(lr=lr, total_steps=total_steps)
+    if name == "wsd":
+        return stable_decay(lr, total_steps, WSD_DECAY_FRACTION)
     return Polynomial(lr=lr, total_steps=total_steps, power=1.0)
+
+
+def stable_decay(lr: float, total_steps: int, decay_fraction: float) -> Schedule:
+    """``lr`` for the first ``total_steps - d`` steps, then linear to 0 over the last
+    ``d = max(1, round(decay_fraction·total_steps))``: the warmup-stable-decay schedule without
+    its warmup (Zhai et al., 2022; Hägele et al., 2024).
+
+    Why for a learned optimizer: until the decay starts the run is exactly the horizon-free
+    optimizer's, so it keeps its speed over most of the run and anneals only at the end, and a
+    run whose length is unknown can use the stable phase alone (as WSD lets a language model's
+    training be extended before its cool-down)."""
+    total_steps = _check_int("total_steps", total_steps, low=1)
+    check_hyperparameter("decay_fraction", decay_fraction, low_inclusive=False, high=1.0)
+    decay = min(total_steps, max(1, round(decay_fraction * total_steps)))
+    tail = Polynomial(lr=lr, total_steps=decay, power=1.0)
+    if decay == total_steps:
+        return tail
+    return Join((Constant(lr), tail), boundaries=(total_steps - decay,))
