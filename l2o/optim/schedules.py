@@ -529,7 +529,8 @@ def stable_decay(lr: float, total_steps: int, decay_fraction: float) -> Schedule
     training be extended before its cool-down)."""
     total_steps = _check_int("total_steps", total_steps, low=1)
     check_hyperparameter("decay_fraction", decay_fraction, low_inclusive=False, high=1.0)
-    decay = min(total_steps, max(1, round(decay_fraction * total_steps)))
+    # decay_fraction <= 1, so the decay never outlasts the run.
+    decay = max(1, round(decay_fraction * total_steps))
     tail = Polynomial(lr=lr, total_steps=decay, power=1.0)
     if decay == total_steps:
         return tail
