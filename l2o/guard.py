@@ -689,7 +689,9 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
             triggers a restore.
         total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
             schedule (:class:`~l2o.learned.optimizer.LearnedOptimizer`); the learned
-            candidate is annealed over them, the fallback is not.
+            candidate and the fallback's ``lr`` (and so the shadow run) are annealed over them
+            alike, so that the guard compares like with like during the cool-down.
+        update_schedule: anneal so instead of as the checkpoint's card says (e.g. ``"wsd"``).
     """
 
     def __init__(
@@ -704,10 +706,11 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         total_steps: int | None = None,
         shadow: bool = False,
         shadow_margin: float = 0.01,
+        update_schedule: str | None = None,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint, total_steps)
+        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule)
         fallback_kwargs = dict(fallback_kwargs or {})
-        self.fallback = registry.get(fallback, **fallback_kwargs)
+        self.fallback = self.learned.annealed_fallback(registry.get(fallback, **fallback_kwargs))
         if self.fallback.needs_loss_fn:
             raise ValueError(
                 f"fallback {fallback!r} needs its own loss evaluations; pick a first-order "

@@ -150,16 +150,18 @@ def test_a_wsd_checkpoint_cools_down_over_total_steps_or_runs_its_stable_phase(t
         l2o.GuardedLearnedOptimizer(model.parameters(), checkpoint=path)
 
 
-def test_the_guard_anneals_the_learned_candidate_not_the_fallback(tmp_path):
+def test_the_guard_anneals_its_fallback_as_it_anneals_the_learned_candidate(tmp_path):
     path = _checkpoint(tmp_path, "cosine")
     model = _model()
     x, y = _data()
     with pytest.raises(ValueError, match="pass total_steps="):
         l2o.GuardedLearnedOptimizer(model.parameters(), checkpoint=path)
-    opt = l2o.GuardedLearnedOptimizer(model.parameters(), checkpoint=path, total_steps=3)
+    opt = l2o.GuardedLearnedOptimizer(
+        model.parameters(), checkpoint=path, fallback_kwargs={"lr": 0.01}, total_steps=3
+    )
     rule = opt._group_rule(opt.param_groups[0])
     assert rule.lr == Cosine(lr=1.0, total_steps=3)
-    assert rule.fallback == l2o.optim.get("adam")
+    assert rule.fallback == l2o.optim.get("adam", lr=Cosine(lr=0.01, total_steps=3))
 
     def closure():
         opt.zero_grad()
@@ -167,8 +169,59 @@ def test_the_guard_anneals_the_learned_candidate_not_the_fallback(tmp_path):
         loss.backward()
         return loss
 
-    for _ in range(4):
+    for _ in range(3):
         assert math.isfinite(float(opt.step(closure).detach()))
+    # Past total_steps both candidates are 0, whichever the guard takes: the run stands still
+    # (a constant-rate fallback would go on moving it).
+    frozen = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), frozen))
+
+
+def test_the_guard_keeps_a_constant_fallback_or_one_with_its_own_schedule(tmp_path):
+    model = _model()
+    constant = l2o.GuardedLearnedOptimizer(
+        model.parameters(), checkpoint=_checkpoint(tmp_path, "constant"), total_steps=5
+    )
+    assert constant._group_rule(constant.param_groups[0]).fallback == l2o.optim.get("adam")
+    own = Cosine(lr=0.02, total_steps=100)
+    scheduled = l2o.GuardedLearnedOptimizer(
+        model.parameters(),
+        checkpoint=_checkpoint(tmp_path, "linear"),
+        fallback_kwargs={"lr": own},
+        total_steps=5,
+    )
+    assert scheduled._group_rule(scheduled.param_groups[0]).fallback.lr == own
+
+
+def test_update_schedule_anneals_otherwise_than_the_card(tmp_path):
+    path = _checkpoint(tmp_path, "constant")
+    lopt, meta, _ = load_checkpoint(path)
+    model = _model()
+    ours = copy.deepcopy(model)
+    opt = l2o.LearnedOptimizer(
+        ours.parameters(), checkpoint=path, update_schedule="wsd", total_steps=10
+    )
+    _train(ours, opt, 10)
+    expected = _functional(copy.deepcopy(model), lopt.rule(meta, lr=stable_decay(1.0, 10, 0.2)), 10)
+    for p, q in zip(ours.parameters(), expected.values()):
+        torch.testing.assert_close(p.detach(), q)
+    # ... and back to constant steps for a checkpoint meta-trained annealed.
+    plain = copy.deepcopy(model)
+    cosine = _checkpoint(tmp_path, "cosine")
+    opt = l2o.LearnedOptimizer(plain.parameters(), checkpoint=cosine, update_schedule="constant")
+    _train(plain, opt, 3)
+    lopt, meta, _ = load_checkpoint(cosine)
+    expected = _functional(copy.deepcopy(model), lopt.rule(meta), 3)
+    for p, q in zip(plain.parameters(), expected.values()):
+        torch.testing.assert_close(p.detach(), q)
+    with pytest.raises(ValueError, match="update_schedule must be one of"):
+        l2o.LearnedOptimizer(model.parameters(), checkpoint=path, update_schedule="cosin")
+    guarded = l2o.GuardedLearnedOptimizer(
+        model.parameters(), checkpoint=path, update_schedule="wsd", total_steps=10
+    )
+    assert guarded._group_rule(guarded.param_groups[0]).lr == stable_decay(1.0, 10, 0.2)
 
 
 def test_l2o_eval_builds_an_annealed_checkpoint_over_each_entrys_horizon(tmp_path):
@@ -180,6 +233,10 @@ def test_l2o_eval_builds_an_annealed_checkpoint_over_each_entrys_horizon(tmp_pat
     assert annealed.build(horizon=40).lr == Cosine(lr=1.0, total_steps=40)
     assert guarded.build(1e-3, horizon=40).lr == 1.0  # the learned side carries the factor
     assert guarded.build(1e-3, horizon=40).learned.lr == Cosine(lr=1.0, total_steps=40)
+    # Its fallback anneals alike, tuned as the annealed baseline it is.
+    assert guarded.fallback == rule_contender("adam", update_schedule="cosine")
+    assert guarded.name.endswith("+guard(adam+cosine)")
+    assert guarded.build(1e-3, horizon=40).fallback.lr == Cosine(lr=1e-3, total_steps=40)
     with pytest.raises(ValueError, match="horizon"):
         annealed.build()
     (constant,) = learned_contenders(
@@ -187,6 +244,11 @@ def test_l2o_eval_builds_an_annealed_checkpoint_over_each_entrys_horizon(tmp_pat
     )
     assert "update_schedule" not in constant.spec()  # earlier cells keep their keys
     assert constant.build(horizon=40).lr == 1.0
+    (constant_guard,) = learned_contenders(
+        str(_checkpoint(tmp_path, "constant")), guarded=True, unguarded=False, fallback=fallback
+    )
+    assert constant_guard.fallback == fallback
+    assert constant_guard.name.endswith("+guard(adam)")
 
 
 def test_a_baseline_can_anneal_its_tuned_lr_over_each_run():

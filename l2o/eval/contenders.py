@@ -92,6 +92,17 @@ class RuleContender(Contender):
             hparams["lr"] = run_annealing(self.update_schedule, horizon, lr)
         return registry.get(self.rule, **hparams)
 
+    def annealed(self, update_schedule: str) -> RuleContender:
+        """This rule with its tuned lr annealed over each run as ``update_schedule`` says
+        (labelled ``<name>+<schedule>``); itself when the schedule is constant, when it
+        anneals already, or when it has no lr to anneal."""
+        already = self.update_schedule != "constant"
+        if update_schedule == "constant" or already or not self.tunes_lr:
+            return self
+        return dataclasses.replace(
+            self, name=f"{self.name}+{update_schedule}", update_schedule=update_schedule
+        )
+
     def spec(self) -> dict[str, Any]:
         spec = {"kind": "rule", "rule": self.rule, "hparams": dict(self.hparams)}
         if self.update_schedule != "constant":  # (constant rules' cells keep their keys)
@@ -153,7 +164,7 @@ class GuardedContender(Contender):
     ) -> GuardRule:
         return GuardRule(
             self.learned.build(device, horizon),
-            self.fallback.build(fallback_lr),
+            self.fallback.build(fallback_lr, horizon),
             compare_every=self.compare_every,
             shadow=self.shadow,
             deferred=self.deferred,
@@ -241,7 +252,7 @@ def rule_contender(
             raise ContenderError(
                 f"optimizer {rule!r}: update_schedule needs a vmappable rule with an lr"
             )
-        return RuleContender(f"{label}+{update_schedule}", rule, hparams, update_schedule)
+        return RuleContender(label, rule, hparams).annealed(update_schedule)
     if not entry.rule_cls.vmappable:
         return TorchContender(label, f"l2o.optim.registry:{rule}", entry.optimizer_cls, hparams)
     return RuleContender(label, rule, hparams)
@@ -339,6 +350,10 @@ def learned_contenders(
     )
     out: list[Contender] = [learned] if unguarded else []
     if guarded:
+        # The fallback (and so the shadow run) anneals as the learned candidate does: a
+        # constant-rate fallback outstrips a learned step decaying to 0 on every comparison in
+        # the cool-down, and the guard would undo the annealing (EVALUATION.md, 2026-12-03).
+        fallback = fallback.annealed(learned.update_schedule)
         modes = [mode for mode, on in (("deferred", deferred), ("shadow", shadow)) if on]
         guard = ",".join([fallback.name, *modes])
         out.append(

@@ -18,6 +18,11 @@ and then anneals the same way over those steps (step ``total_steps`` and later o
 For ``wsd`` (constant steps, then a linear cool-down over the last 20% of the run)
 ``total_steps`` may be left out when the run's length is not known: the optimizer then takes the
 constant steps throughout, as in the first 80% of a meta-training episode, and warns.
+
+``update_schedule=`` anneals otherwise than the checkpoint's card says, e.g. the wsd cool-down
+on a checkpoint meta-trained with constant steps (it helps the shipped one; EVALUATION.md)::
+
+    opt = l2o.LearnedOptimizer(model.parameters(), update_schedule="wsd", total_steps=10_000)
 """
 
 from __future__ import annotations
@@ -54,13 +59,20 @@ class CheckpointedRules:
     ``total_steps``: the length of the run, required when the checkpoint was meta-trained with
     an update schedule (``update_schedule``, from its card) and unused otherwise; optional for
     ``wsd``, whose steps are the constant ones until the decay (without it: no decay, and a
-    warning)."""
+    warning). ``update_schedule``: anneal so instead of as the card says (None: as the card)."""
 
-    def __init__(self, checkpoint: str | os.PathLike, total_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        total_steps: int | None = None,
+        update_schedule: str | None = None,
+    ) -> None:
         self.path = resolve_checkpoint(checkpoint)
         self.lopt, self.meta_params, self.card = load_checkpoint(self.path)
         self.id = checkpoint_id(self.card)
-        self.update_schedule = check_update_schedule(update_schedule_of(self.card))
+        self.update_schedule = check_update_schedule(
+            update_schedule_of(self.card) if update_schedule is None else update_schedule
+        )
         if self.update_schedule == "constant":
             self.total_steps = None
         elif total_steps is None and self.update_schedule in HORIZON_FREE_UNTIL_DECAY:
@@ -89,6 +101,17 @@ class CheckpointedRules:
         if self.total_steps is None:
             return rule
         return rule.replace(lr=run_annealing(self.update_schedule, self.total_steps, rule.lr))
+
+    def annealed_fallback(self, fallback: UpdateRule) -> UpdateRule:
+        """A guard's ``fallback`` annealed over the run as the learned candidate is, so that
+        the guard compares like with like in a cool-down (a constant-rate fallback outstrips a
+        learned step decaying to 0 on every minibatch comparison, and the guard would undo the
+        annealing). Unchanged when the learned side is not annealed, or when the fallback has
+        no number ``lr`` to anneal (e.g. the user gave it a schedule of its own)."""
+        lr = getattr(fallback, "lr", None)
+        if "lr" not in fallback.hyperparameter_names() or not isinstance(lr, (int, float)):
+            return fallback
+        return self.annealed(fallback)
 
     def rule(self, device: torch.device) -> UpdateRule:
         if device not in self._rules:
@@ -156,6 +179,8 @@ class LearnedOptimizer(CheckpointedOptimizer):
         lr: multiplier on the learned step (what LR schedulers scale).
         total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
             schedule (see the module docstring); ignored by the others.
+        update_schedule: anneal the steps over ``total_steps`` so (``"constant"``,
+            ``"cosine"``, ``"linear"``, ``"wsd"``) instead of as the checkpoint's card says.
     """
 
     def __init__(
@@ -164,8 +189,9 @@ class LearnedOptimizer(CheckpointedOptimizer):
         checkpoint: str | os.PathLike = "default",
         lr: float = 1.0,
         total_steps: int | None = None,
+        update_schedule: str | None = None,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint, total_steps)
+        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule)
         super().__init__(
             params,
             self.learned.rule,
