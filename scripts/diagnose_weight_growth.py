@@ -1,0 +1,96 @@
+"""Weight-norm growth of a learned optimizer on `real_models`' 10,000-step autoencoder.
+
+Trains the autoencoder (digits, 64-128-16-128-64) with the shipped ``ortho_mlp`` under the wsd
+cool-down, printing every 1,000 steps the training and held-out loss, the norm of the first
+layer's columns for input pixels that are zero in every training image ("dead") and of the
+others, and every matrix's norm. Ablations, applied to the deployed rule (no retraining):
+
+    python scripts/diagnose_weight_growth.py                # as shipped
+    python scripts/diagnose_weight_growth.py --mask-unseen  # no update where v == 0
+    python scripts/diagnose_weight_growth.py --no-param-feature  # the p / rms(p) input set to 0
+    python scripts/diagnose_weight_growth.py --adam         # Adam at lr 3e-3 for comparison
+
+A diagnostic, not a benchmark: the ablations monkeypatch ``OrthoMLPRule`` in this process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import l2o
+import l2o.learned.ortho_lopt as ortho
+from l2o.learned.optimizer import CheckpointedRules
+from l2o.optim.base import apply_updates
+from l2o.tasks.supervised import AutoencoderTask
+
+DIRECTIONS = ("_direction_reference", "_direction_fused")
+
+
+def _patch(transform) -> None:
+    """Wrap both direction functions of the rule with ``transform(orig) -> new``."""
+    for name in DIRECTIONS:
+        setattr(ortho.OrthoMLPRule, name, transform(getattr(ortho.OrthoMLPRule, name)))
+
+
+def _mask_unseen(orig):
+    def direction(self, g, p, m, v, matrix, constants):
+        u, mean_square = orig(self, g, p, m, v, matrix, constants)
+        return torch.where(v.reshape(-1) > 0, u, torch.zeros_like(u)), mean_square
+
+    return direction
+
+
+def _no_param_feature(orig):
+    def direction(self, g, p, m, v, matrix, constants):
+        return orig(self, g, torch.zeros_like(p), m, v, matrix, constants)
+
+    return direction
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--adam", action="store_true")
+    parser.add_argument("--mask-unseen", action="store_true")
+    parser.add_argument("--no-param-feature", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.mask_unseen:
+        _patch(_mask_unseen)
+    if args.no_param_feature:
+        _patch(_no_param_feature)
+    task = AutoencoderTask(dataset="digits", width=128, bottleneck=16, batch_size=64)
+    train_x, _ = task.data.split("train")
+    dead = train_x.abs().sum(0) == 0
+    if args.adam:
+        rule = l2o.optim.get("adam", lr=3e-3)
+    else:
+        learned = CheckpointedRules("ortho_mlp", args.steps, "wsd")
+        rule = learned.annealed(learned.rule(torch.device("cpu")))
+    params = task.init(torch.Generator().manual_seed(0))
+    state = rule.init(params)
+    first = next(k for k, p in params.items() if p.ndim == 2)
+    print(f"{int(dead.sum())} of {train_x.shape[1]} input pixels are 0 in every training image")
+    for t in range(args.steps):
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        loss = task.loss(leaves, task.batch(0, t))
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        updates, state = rule.update(grads, state, params, step=t)
+        params = {k: v.detach() for k, v in apply_updates(params, updates).items()}
+        if t % 1000 == 0 or t == args.steps - 1:
+            with torch.no_grad():
+                held_out = float(task.loss(params, task.batch(0, t, "eval")))
+            w = params[first]
+            norms = " ".join(f"{float(p.norm()):.1f}" for p in params.values() if p.ndim == 2)
+            print(
+                f"step {t}: train {float(loss):.4f} held-out {held_out:.4f} "
+                f"|W1 dead columns| {float(w[:, dead].norm()):.2f} "
+                f"|W1 others| {float(w[:, ~dead].norm()):.2f} matrix norms {norms}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
