@@ -9,6 +9,8 @@ others, and every matrix's norm. Ablations, applied to the deployed rule (no ret
     python scripts/diagnose_weight_growth.py --mask-unseen  # no update where v == 0
     python scripts/diagnose_weight_growth.py --no-param-feature  # the p / rms(p) input set to 0
     python scripts/diagnose_weight_growth.py --adam         # Adam at lr 3e-3 for comparison
+    python scripts/diagnose_weight_growth.py --rule muon --lr 0.02  # any registered rule
+    python scripts/diagnose_weight_growth.py --checkpoint runs/ortho_noparam/checkpoints/last
 
 A diagnostic, not a benchmark: the ablations monkeypatch ``OrthoMLPRule`` in this process only.
 """
@@ -52,9 +54,12 @@ def _no_param_feature(orig):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--adam", action="store_true")
+    parser.add_argument("--adam", action="store_true", help="the same as --rule adam")
+    parser.add_argument("--rule", help="a registered hand-designed rule instead")
+    parser.add_argument("--lr", type=float, default=3e-3, help="the --rule's learning rate")
     parser.add_argument("--mask-unseen", action="store_true")
     parser.add_argument("--no-param-feature", action="store_true")
+    parser.add_argument("--checkpoint", default="ortho_mlp", help="shipped name or path")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.mask_unseen:
@@ -64,10 +69,10 @@ def main() -> None:
     task = AutoencoderTask(dataset="digits", width=128, bottleneck=16, batch_size=64)
     train_x, _ = task.data.split("train")
     dead = train_x.abs().sum(0) == 0
-    if args.adam:
-        rule = l2o.optim.get("adam", lr=3e-3)
+    if args.adam or args.rule:
+        rule = l2o.optim.get(args.rule or "adam", lr=args.lr)
     else:
-        learned = CheckpointedRules("ortho_mlp", args.steps, "wsd")
+        learned = CheckpointedRules(args.checkpoint, args.steps, "wsd")
         rule = learned.annealed(learned.rule(torch.device("cpu")))
     params = task.init(torch.Generator().manual_seed(0))
     state = rule.init(params)

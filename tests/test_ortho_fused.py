@@ -34,6 +34,7 @@ OPTIONS = [
         "base_momentum": 0,
     },
     {"vector_keys": ["t4"], "matrix_scaling": "match_rms_adamw"},
+    {"parameter_feature": False, "mask_unseen": True, "step_scale": "adam_rms"},
 ]
 
 

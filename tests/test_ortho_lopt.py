@@ -153,6 +153,64 @@ def test_weight_decay_is_decoupled_at_each_tensors_step_size():
         torch.testing.assert_close(decayed[k], expected, rtol=1e-9, atol=1e-12)
 
 
+def test_without_the_parameter_feature_updates_do_not_depend_on_the_parameters():
+    lopt, meta = make(parameter_feature=False, output_init_scale=3.0)
+    assert lopt.num_features == 5 and meta["w0"].shape[0] == 5
+    grads = gradient_sequence(params_of(), steps=3)
+    # run() moves the parameters by each update, so start from two different points.
+    first, second = (
+        run(lopt.rule(meta), params_of(seed=1), grads),
+        run(lopt.rule(meta), params_of(seed=7), grads),
+    )
+    for a, b in zip(first, second):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-15)
+    # With the feature (the default) they do.
+    lopt, meta = make(output_init_scale=3.0)
+    a, b = (
+        run(lopt.rule(meta), params_of(seed=1), grads),
+        run(lopt.rule(meta), params_of(seed=7), grads),
+    )
+    assert not torch.allclose(a[-1]["w"], b[-1]["w"])
+    # The option is in the config (and so the identity) only when it is not the default.
+    assert "parameter_feature" not in lopt.config()
+    assert OrthoMLPLOpt(parameter_feature=False).config()["parameter_feature"] is False
+
+
+@pytest.mark.parametrize("parameter_feature", [True, False])
+def test_mask_unseen_leaves_coordinates_that_never_had_a_gradient(parameter_feature):
+    """A column of a matrix, and entries of a vector, whose gradient is always 0: with
+    ``mask_unseen`` they get only the weight decay (as under AdamW), without it the MLP's
+    constant output moves them."""
+    params = params_of()
+    grads = gradient_sequence(params, steps=4)
+    for g in grads:
+        g["w"][:, 2] = 0.0
+        g["b"][1:3] = 0.0
+    options = dict(parameter_feature=parameter_feature, output_init_scale=3.0, weight_decay=0.1)
+    lopt, meta = make(mask_unseen=True, **options)
+    # Non-zero biases (meta-trained ones are), so that MLP(0) is not 0.
+    g = torch.Generator().manual_seed(3)
+    meta = {
+        k: torch.randn(v.shape, generator=g, dtype=v.dtype) if k.startswith("b") else v
+        for k, v in meta.items()
+    }
+    assert lopt.config()["mask_unseen"] is True
+    masked = run(lopt.rule(meta), params, grads)
+    unmasked_lopt, _ = make(**options)
+    unmasked = run(unmasked_lopt.rule(meta), params, grads)
+    p = dict(params)
+    for t, update in enumerate(masked):
+        for k, index in [("w", (slice(None), 2)), ("b", slice(1, 3))]:
+            kind = "matrix" if k == "w" else "vector"
+            decay = -float(torch.exp(meta[f"log_lr_{kind}"])) * 0.1 * p[k][index]
+            torch.testing.assert_close(update[k][index], decay, rtol=1e-9, atol=1e-15)
+            assert float(unmasked[t][k][index].sub(decay).abs().max()) > 1e-6
+        p = {k: p[k] + update[k] for k in p}
+    # Coordinates that had gradients still move.
+    assert float(masked[-1]["w"][:, 0].abs().min()) > 0
+
+
 def test_vector_rule_can_be_a_hand_designed_rule():
     lopt, meta = make(vector_rule="adamw", vector_hparams={"lr": 3e-3, "weight_decay": 0.1})
     rule = lopt.rule(meta)
@@ -261,6 +319,8 @@ def test_drop_in_optimizer_trains_a_module(tmp_path):
         ({"step_scale": "adaptive"}, "step_scale"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"step_scale_momentum": 3}, "step_scale_momentum"),
+        ({"parameter_feature": "no"}, "parameter_feature"),
+        ({"mask_unseen": 1}, "mask_unseen"),
     ],
 )
 def test_bad_configurations_are_refused_with_the_key(config, match):

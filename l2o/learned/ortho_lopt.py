@@ -12,6 +12,7 @@ accumulators ``m_k = EMA_{β_k}(g)`` (``K`` momenta) and ``v = EMA_{β_v}(g²)``
     m_1 / sqrt(v̂ + δ·mean(v) + τ)   v̂ = rowmean(v) ⊗ colmean(v) / mean(v) for matrices
                                    (Adafactor's rank-1 estimate, from v itself), v̂ = v else
     p / sqrt(mean(p²) + τ)         the parameter relative to its tensor's RMS
+                                   (unless ``parameter_feature=False``)
 
 plus, optionally, the step embedding ``tanh(t / T - 1)`` for ``step_timescales`` (none by
 default: nothing ties the optimizer to a horizon). Replacing ``g`` by ``c·g`` (``c > 0``: a
@@ -48,6 +49,12 @@ can anneal. ``step_scale="adam_rms"`` multiplies each tensor's step by ``min(1, 
 the RMS of the Adam-like direction ``m_β / s`` bias-corrected as Adam's: about 1 while the
 gradients agree from step to step and about ``sqrt((1 - β)/(1 + β))`` (0.23 for β = 0.9) when
 they are noise, the shrinkage Adam applies coordinate-wise, measured per tensor and scale-free.
+
+**Coordinates that never had a gradient** (``v == 0``: an input pixel that is 0 in every
+image, an unused embedding row) see all-zero inputs, on which the MLP still outputs its
+constant ``MLP(0)``: a drift no gradient asked for. ``mask_unseen=True`` zeroes ``u`` there,
+as Adam leaves them; a zero row or column of a matrix stays zero through Newton–Schulz (each
+of its terms is ``X`` times a polynomial of ``XᵀX``, or ``XXᵀ`` times ``X``).
 
 With normalised steps and no decay, the weights' norms grow as a random walk once the
 gradients are noise (and the logits with them): ``weight_decay`` ``λ`` adds the decoupled
@@ -113,6 +120,10 @@ class OrthoMLPLOpt(LOpt):
             (``sqrt((1 - β)/(1 + β))``: 0.07 for β = 0.99).
         weight_decay: ``λ`` of a decoupled weight decay ``-step_size·λ·p`` on the learned
             tensors (matrices and learned vectors), at each tensor's own step size.
+        parameter_feature: whether ``p / rms(p)`` is an input. Without it the update does not
+            depend on the parameter's value: an optimizer meta-trained on short episodes with
+            it learned to grow the weights, which runs away over long runs (EVALUATION.md).
+        mask_unseen: no learned update for coordinates whose ``v`` is 0 (never a gradient).
     """
 
     name = "ortho_mlp"
@@ -136,6 +147,8 @@ class OrthoMLPLOpt(LOpt):
         step_scale: str = "constant",
         weight_decay: float = 0.0,
         step_scale_momentum: int | None = None,
+        parameter_feature: bool = True,
+        mask_unseen: bool = False,
     ) -> None:
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if any(h < 1 for h in self.hidden_sizes):
@@ -196,11 +209,16 @@ class OrthoMLPLOpt(LOpt):
                 f"(0..{len(momentum_decays) - 1}), got {step_scale_momentum!r}"
             )
         self.step_scale_momentum = step_scale_momentum
+        for name, flag in [("parameter_feature", parameter_feature), ("mask_unseen", mask_unseen)]:
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        self.parameter_feature, self.mask_unseen = parameter_feature, mask_unseen
 
     @property
     def num_features(self) -> int:
-        """Per-coordinate inputs besides the step embedding: K momenta, g, v̂ and p."""
-        return len(self.momentum_decays) + 3
+        """Per-coordinate inputs besides the step embedding: K momenta, g, v̂ and (unless
+        ``parameter_feature=False``) p."""
+        return len(self.momentum_decays) + 2 + int(self.parameter_feature)
 
     def hand_rule(self) -> UpdateRule | None:
         """The hand-designed rule of the vector tensors, or None (``vector_rule="learned"``)."""
@@ -230,6 +248,9 @@ class OrthoMLPLOpt(LOpt):
                 if self._step_scale_momentum is not None
                 else {}
             ),
+            # Likewise only when not the default, for the same reason.
+            **({} if self.parameter_feature else {"parameter_feature": False}),
+            **({"mask_unseen": True} if self.mask_unseen else {}),
         }
 
     def init_meta(self, generator: torch.Generator) -> Params:
@@ -314,8 +335,9 @@ class OrthoMLPRule(BlockedLearnedRule):
             m / s.unsqueeze(-1),
             (g / s).unsqueeze(-1),
             (m[..., :1] / torch.sqrt(v_hat + floor).unsqueeze(-1)),
-            (p / _rms(p)).unsqueeze(-1),
         ]
+        if self.lopt.parameter_feature:
+            columns.append((p / _rms(p)).unsqueeze(-1))
         return torch.cat(columns, dim=-1).reshape(-1, self.lopt.num_features)
 
     def _constants(self, step: Step, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -392,7 +414,7 @@ class OrthoMLPRule(BlockedLearnedRule):
         lopt, layers = self.lopt, constants["feature_major_layers"]
         k = len(lopt.momentum_decays)
         floor = RELATIVE_EPS * torch.mean(v) + TINY
-        p_scale = 1.0 / _rms(p)
+        p_scale = 1.0 / _rms(p) if lopt.parameter_feature else None
         rows = p.shape[0] if matrix else 1
         g2, p2, v2 = (x.reshape(rows, -1) for x in (g, p, v))
         m2 = m.reshape(rows, -1, k)
@@ -404,14 +426,14 @@ class OrthoMLPRule(BlockedLearnedRule):
             m_block = m2[start:stop].reshape(-1, k).T  # [k, n]
             v_hat = torch.outer(row_mean[start:stop], col_mean).reshape(1, -1) if matrix else None
             inv_s = torch.rsqrt(v_block + floor)
-            x = torch.cat(
-                [
-                    m_block * inv_s,
-                    g2[start:stop].reshape(1, -1) * inv_s,
-                    m_block[:1] * (inv_s if v_hat is None else torch.rsqrt(v_hat + floor)),
-                    p2[start:stop].reshape(1, -1) * p_scale,
-                ]
-            )
+            columns = [
+                m_block * inv_s,
+                g2[start:stop].reshape(1, -1) * inv_s,
+                m_block[:1] * (inv_s if v_hat is None else torch.rsqrt(v_hat + floor)),
+            ]
+            if lopt.parameter_feature:
+                columns.append(p2[start:stop].reshape(1, -1) * p_scale)
+            x = torch.cat(columns)
             h = x
             for i, (w, b) in enumerate(layers):
                 h = torch.addmm(b, w, h)
@@ -476,6 +498,8 @@ class OrthoMLPRule(BlockedLearnedRule):
             direction_of = self._direction_fused if fused else self._direction_reference
             u, mean_square = direction_of(g, p.to(dtype), m, v, matrix, constants)
             u = u.reshape(p.shape)
+            if self.lopt.mask_unseen:
+                u = torch.where(v > 0, u, torch.zeros_like(u))
             kind = "matrix" if matrix else "vector"
             step_size = torch.exp(self.meta_params[f"log_lr_{kind}"]).to(u)
             if self.lopt.step_scale == "adam_rms":
