@@ -12,7 +12,10 @@ others, and every matrix's norm. Ablations, applied to the deployed rule (no ret
     python scripts/diagnose_weight_growth.py --rule muon --lr 0.02  # any registered rule
     python scripts/diagnose_weight_growth.py --checkpoint runs/ortho_noparam/checkpoints/last
 
-A diagnostic, not a benchmark: the ablations monkeypatch ``OrthoMLPRule`` in this process only.
+A diagnostic, not a benchmark: ``--mask-unseen`` sets ``OrthoMLPLOpt``'s ``mask_unseen``;
+``--no-param-feature`` monkeypatches ``OrthoMLPRule`` in this process only (the option
+``parameter_feature=False`` removes the input, which a checkpoint meta-trained with it cannot
+load).
 """
 
 from __future__ import annotations
@@ -36,14 +39,6 @@ def _patch(transform) -> None:
         setattr(ortho.OrthoMLPRule, name, transform(getattr(ortho.OrthoMLPRule, name)))
 
 
-def _mask_unseen(orig):
-    def direction(self, g, p, m, v, matrix, constants):
-        u, mean_square = orig(self, g, p, m, v, matrix, constants)
-        return torch.where(v.reshape(-1) > 0, u, torch.zeros_like(u)), mean_square
-
-    return direction
-
-
 def _no_param_feature(orig):
     def direction(self, g, p, m, v, matrix, constants):
         return orig(self, g, torch.zeros_like(p), m, v, matrix, constants)
@@ -62,8 +57,6 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="ortho_mlp", help="shipped name or path")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.mask_unseen:
-        _patch(_mask_unseen)
     if args.no_param_feature:
         _patch(_no_param_feature)
     task = AutoencoderTask(dataset="digits", width=128, bottleneck=16, batch_size=64)
@@ -73,6 +66,8 @@ def main() -> None:
         rule = l2o.optim.get(args.rule or "adam", lr=args.lr)
     else:
         learned = CheckpointedRules(args.checkpoint, args.steps, "wsd")
+        if args.mask_unseen:  # the rule's own option, with the checkpoint's meta-parameters
+            learned.lopt = ortho.OrthoMLPLOpt(**{**learned.lopt.config(), "mask_unseen": True})
         rule = learned.annealed(learned.rule(torch.device("cpu")))
     params = task.init(torch.Generator().manual_seed(0))
     state = rule.init(params)
