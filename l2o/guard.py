@@ -692,6 +692,8 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
             candidate and the fallback's ``lr`` (and so the shadow run) are annealed over them
             alike, so that the guard compares like with like during the cool-down.
         update_schedule: anneal so instead of as the checkpoint's card says (e.g. ``"wsd"``).
+        ns_dtype: the learned candidate's Newton–Schulz dtype instead of the card's (e.g.
+            ``"bfloat16"``; :class:`~l2o.learned.optimizer.LearnedOptimizer`).
     """
 
     def __init__(
@@ -707,8 +709,9 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         shadow: bool = False,
         shadow_margin: float = 0.01,
         update_schedule: str | None = None,
+        ns_dtype: str | None = None,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule)
+        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule, ns_dtype)
         fallback_kwargs = dict(fallback_kwargs or {})
         self.fallback = self.learned.annealed_fallback(registry.get(fallback, **fallback_kwargs))
         if self.fallback.needs_loss_fn:

@@ -21,6 +21,10 @@ Two measurements, on MLPs ``w -> w -> w -> 10`` sized to ``--params``:
     python scripts/bench_step.py                      # CPU, and CUDA when present
     python scripts/bench_step.py --params 1e6 1e7 --devices cpu --threads 2
     python scripts/bench_step.py --checkpoints ortho_mlp --params 1e6
+    python scripts/bench_step.py --checkpoints ortho_mlp --ns-dtypes bfloat16  # + bf16 NS rows
+
+``--ns-dtypes`` adds, for each orthogonalising checkpoint, the fused step with its Newton–Schulz
+iteration in those dtypes (``LearnedOptimizer(..., ns_dtype=...)``).
 """
 
 from __future__ import annotations
@@ -167,10 +171,10 @@ class PeakMemory:
         self.peak = max(self._high, self._rss()) - self._start
 
 
-def matmul_rate(device: torch.device) -> float:
-    """This machine's float32 matrix-multiply rate (FLOP/s) on 2048 x 2048 operands."""
-    a = torch.randn(2048, 2048, device=device)
-    b = torch.randn(2048, 2048, device=device)
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matrix-multiply rate (FLOP/s) in ``dtype`` on 2048 x 2048 operands."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
     times = []
     for _ in range(5):
         _sync(device)
@@ -181,7 +185,13 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * 2048**3 / min(times)
 
 
-def _step_alone_contenders(device: torch.device, checkpoints: list[str]) -> dict[str, Callable]:
+def _orthogonalises(checkpoint: str) -> bool:
+    return "ns_dtype" in load_checkpoint(resolve_checkpoint(checkpoint))[0].config()
+
+
+def _step_alone_contenders(
+    device: torch.device, checkpoints: list[str], ns_dtypes: list[str]
+) -> dict[str, Callable]:
     contenders: dict[str, Callable] = {"torch AdamW": lambda p: _adamw(p, device)}
     for name in checkpoints:
         contenders[f"l2o LearnedOptimizer {name} (fused)"] = lambda p, c=name: l2o.LearnedOptimizer(
@@ -190,6 +200,10 @@ def _step_alone_contenders(device: torch.device, checkpoints: list[str]) -> dict
         contenders[f"l2o LearnedOptimizer {name} (reference)"] = lambda p, c=name: _reference_path(
             l2o.LearnedOptimizer(p, checkpoint=c), device
         )
+        for dtype in ns_dtypes if _orthogonalises(name) else ():
+            contenders[f"l2o LearnedOptimizer {name} ({dtype} NS, fused)"] = (
+                lambda p, c=name, d=dtype: l2o.LearnedOptimizer(p, checkpoint=c, ns_dtype=d)
+            )
     contenders["torch Muon (bf16 NS) + AdamW"] = lambda p: Optimizers(_torch_muon(p, device))
     contenders["l2o Muon (float32 NS)"] = lambda p: l2o.optim.Muon(p, lr=0.02, ns_dtype="float32")
     return contenders
@@ -211,17 +225,17 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def step_memory(
-    n_params: float, device: torch.device, checkpoints: list[str]
+    n_params: float, device: torch.device, checkpoints: list[str], ns_dtypes: list[str]
 ) -> dict[str, tuple[int, int]]:
     """Per contender: (transient bytes of one step, optimizer state bytes)."""
     if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
         command = [sys.executable, __file__, "--memory-of", str(n_params), "--devices", "cpu"]
-        command += ["--checkpoints", *checkpoints]
+        command += ["--checkpoints", *checkpoints, "--ns-dtypes", *ns_dtypes]
         out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
         return {k: tuple(v) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
     found = {}
-    for name, make in _step_alone_contenders(device, checkpoints).items():
+    for name, make in _step_alone_contenders(device, checkpoints, ns_dtypes).items():
         opt = _prepared(make, _width(n_params), device)
         with PeakMemory(device) as memory:
             opt.step()
@@ -231,12 +245,17 @@ def step_memory(
 
 
 def bench_step_alone(
-    n_params: float, device: torch.device, rounds: int, steps: int, checkpoints: list[str]
+    n_params: float,
+    device: torch.device,
+    rounds: int,
+    steps: int,
+    checkpoints: list[str],
+    ns_dtypes: list[str],
 ) -> dict:
     width = _width(n_params)
     runs = {
         name: {"opt": _prepared(make, width, device), "times": []}
-        for name, make in _step_alone_contenders(device, checkpoints).items()
+        for name, make in _step_alone_contenders(device, checkpoints, ns_dtypes).items()
     }
     for _ in range(rounds):  # interleaved: every contender sees the same machine load
         for run in runs.values():
@@ -302,6 +321,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, nargs="+", default=[1e5, 1e6, 1e7])
     parser.add_argument("--checkpoints", nargs="+", default=["mlp_2x32", "ortho_mlp"])
+    parser.add_argument("--ns-dtypes", nargs="*", default=[], help="e.g. bfloat16")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--train-width", type=int, default=256)
@@ -314,7 +334,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.memory_of is not None:  # the child process of step_memory
         device = torch.device(args.devices[0])
-        print(json.dumps(step_memory(args.memory_of, device, args.checkpoints)))
+        print(json.dumps(step_memory(args.memory_of, device, args.checkpoints, args.ns_dtypes)))
         return
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lopts = {name: load_checkpoint(resolve_checkpoint(name))[0] for name in args.checkpoints}
@@ -326,6 +346,13 @@ def main() -> None:
             f"\n## {device} ({label}), torch {torch.__version__}, {torch.get_num_threads()} threads"
         )
         print(f"float32 matmul rate (2048^2): {rate / 1e9:.0f} GFLOP/s")
+        ns_rates = {
+            dtype: matmul_rate(device, getattr(torch, dtype))
+            for dtype in args.ns_dtypes
+            if dtype != "float32"
+        }
+        for dtype, dtype_rate in ns_rates.items():
+            print(f"{dtype} matmul rate (2048^2): {dtype_rate / 1e9:.0f} GFLOP/s")
         print("\nOptimizer step alone (gradients given), median of interleaved rounds:\n")
         print(
             "| params | optimizer | ms / step | ratio to AdamW | ns / param "
@@ -333,9 +360,11 @@ def main() -> None:
         )
         print("|---:|---|---:|---:|---:|---:|---:|")
         for n_params in args.params:
-            result = bench_step_alone(n_params, device, args.rounds, args.steps, args.checkpoints)
+            result = bench_step_alone(
+                n_params, device, args.rounds, args.steps, args.checkpoints, args.ns_dtypes
+            )
             n, medians = result["n"], result["medians"]
-            memory = step_memory(n_params, device, args.checkpoints)
+            memory = step_memory(n_params, device, args.checkpoints, args.ns_dtypes)
             base = medians["torch AdamW"]
             for name, seconds in medians.items():
                 transient, state = memory[name]
@@ -347,9 +376,10 @@ def main() -> None:
                 f"{name}: per-coordinate MLP": 2 * macs_per_coordinate(lopt) * n / rate
                 for name, lopt in lopts.items()
             }
-            floors["Newton–Schulz, 5 iterations"] = (
-                newton_schulz_flops(_model(_width(n_params), device)) / rate
-            )
+            ns_flops = newton_schulz_flops(_model(_width(n_params), device))
+            floors["Newton–Schulz, 5 iterations"] = ns_flops / rate
+            for dtype, dtype_rate in ns_rates.items():
+                floors[f"Newton–Schulz, 5 iterations in {dtype}"] = ns_flops / dtype_rate
             for name, floor in floors.items():
                 print(
                     f"| {n:,} | arithmetic floor, {name} | {floor * 1e3:.2f} "

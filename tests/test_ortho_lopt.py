@@ -304,6 +304,80 @@ def test_drop_in_optimizer_trains_a_module(tmp_path):
     assert losses[-1] < 0.8 * losses[0]  # untrained, it starts out as an orthogonalised Adam
 
 
+def _one_step(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The update ``opt`` makes from the gradient of ``model``'s loss on ``(x, y)``."""
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+def test_ns_dtype_runs_the_shipped_checkpoints_newton_schulz_in_bfloat16_as_the_same_optimizer():
+    """bfloat16 Newton–Schulz changes the matrix steps by bfloat16 rounding only (Muon's own
+    setting), leaves the vector steps alone, and keeps the checkpoint's identity, so optimizer
+    state moves freely between the two settings."""
+    x, y = torch.randn(64, 20, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 3
+    updates, opts = {}, {}
+    for ns_dtype in (None, "bfloat16"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 3))
+        opts[ns_dtype] = LearnedOptimizer(model.parameters(), ns_dtype=ns_dtype)
+        updates[ns_dtype] = _one_step(opts[ns_dtype], model, x, y)
+    shipped, bf16 = opts[None], opts["bfloat16"]
+    assert shipped.learned.lopt.ns_dtype == "float32"
+    assert bf16.learned.lopt.ns_dtype == "bfloat16"
+    assert bf16.learned.id == shipped.learned.id
+    for exact, rounded in zip(updates[None], updates["bfloat16"]):
+        if exact.ndim == 1:  # vectors: no Newton–Schulz, the same step
+            torch.testing.assert_close(rounded, exact, rtol=0, atol=0)
+        else:  # bfloat16 keeps 8 significant bits: 1-2% apart over 5 iterations here
+            assert not torch.equal(rounded, exact)
+            assert float((rounded - exact).norm() / exact.norm()) < 0.05
+    bf16.load_state_dict(shipped.state_dict())  # same identity: accepted
+    shipped.load_state_dict(bf16.state_dict())
+
+
+def test_ns_dtype_is_refused_for_a_checkpoint_without_newton_schulz_and_for_a_bad_dtype():
+    params = [nn.Parameter(torch.zeros(3, 2))]
+    with pytest.raises(ValueError, match=r"checkpoint mlp-\w+ \(mlp\).*no Newton–Schulz iteration"):
+        LearnedOptimizer(params, checkpoint="mlp_2x32", ns_dtype="bfloat16")
+    with pytest.raises(ValueError, match="ns_dtype must be one of"):
+        LearnedOptimizer(params, ns_dtype="float16")
+
+
+def test_l2o_eval_runs_a_checkpoint_with_another_ns_dtype_under_its_own_label_and_cells():
+    from l2o.eval.contenders import ContenderError, learned_contenders, rule_contender
+
+    fallback = rule_contender("adam")
+    (plain, guarded) = learned_contenders(
+        "ortho_mlp", guarded=True, unguarded=True, fallback=fallback
+    )
+    (bf16, bf16_guarded) = learned_contenders(
+        "ortho_mlp", guarded=True, unguarded=True, fallback=fallback, ns_dtype="bfloat16"
+    )
+    assert bf16.name == "ortho_mlp+bfloat16 NS" and bf16_guarded.name.startswith(bf16.name)
+    assert bf16.spec() == {**plain.spec(), "ns_dtype": "bfloat16"}  # cells of its own
+    assert bf16_guarded.spec() != guarded.spec()
+    assert bf16.build().lopt.ns_dtype == "bfloat16" and plain.build().lopt.ns_dtype == "float32"
+    (same,) = learned_contenders(  # the card's own dtype: the plain contender
+        "ortho_mlp", guarded=False, unguarded=True, fallback=fallback, ns_dtype="float32"
+    )
+    assert same.name == plain.name and same.spec() == plain.spec()
+    with pytest.raises(ContenderError, match="no Newton–Schulz iteration"):
+        learned_contenders(
+            "mlp_2x32", guarded=False, unguarded=True, fallback=fallback, ns_dtype="bfloat16"
+        )
+
+
+def test_the_guarded_optimizer_takes_ns_dtype_for_its_learned_candidate():
+    from l2o import GuardedLearnedOptimizer
+
+    opt = GuardedLearnedOptimizer([nn.Parameter(torch.zeros(3, 2))], ns_dtype="bfloat16")
+    assert opt.learned.lopt.ns_dtype == "bfloat16"
+    assert opt.rule.learned.lopt.ns_dtype == "bfloat16"
+
+
 @pytest.mark.parametrize(
     ("config", "match"),
     [

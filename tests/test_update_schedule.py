@@ -292,8 +292,10 @@ def test_l2o_eval_can_anneal_a_checkpoint_otherwise_than_its_card(tmp_path):
         )
 
     item = OmegaConf.create({"checkpoint": path, "update_schedule": "cosine"})
-    assert _checkpoint_item(item, "checkpoints.0") == (path, "cosine")
-    assert _checkpoint_item("default", "checkpoints.0") == ("default", None)
+    assert _checkpoint_item(item, "checkpoints.0") == (path, "cosine", None)
+    assert _checkpoint_item("default", "checkpoints.0") == ("default", None, None)
+    item = OmegaConf.create({"checkpoint": path, "ns_dtype": "bfloat16"})
+    assert _checkpoint_item(item, "checkpoints.0") == (path, None, "bfloat16")
     with pytest.raises(ConfigError, match="unknown keys"):
         _checkpoint_item(OmegaConf.create({"checkpoint": path, "lr": 1}), "checkpoints.0")
     with pytest.raises(ConfigError, match="names no checkpoint"):

@@ -198,19 +198,25 @@ def _container(node: Any) -> dict:
     raise ConfigError("config", f"expected a mapping, got {node!r}")
 
 
-def _checkpoint_item(item: Any, key: str) -> tuple[str, str | None]:
-    """A checkpoint name or path, or ``{checkpoint: <name or path>, update_schedule: cosine}``."""
+CHECKPOINT_KEYS = "{checkpoint, update_schedule, ns_dtype}"
+
+
+def _checkpoint_item(item: Any, key: str) -> tuple[str, str | None, str | None]:
+    """A checkpoint name or path, or ``{checkpoint: <name or path>, update_schedule: cosine,
+    ns_dtype: bfloat16}`` (both optional): the checkpoint, its schedule and NS dtype overrides."""
     if isinstance(item, DictConfig):
-        extra = set(item) - {"checkpoint", "update_schedule"}
+        extra = set(item) - {"checkpoint", "update_schedule", "ns_dtype"}
         if extra:
-            raise ConfigError(
-                key, f"unknown keys {sorted(extra)}", "use {checkpoint, update_schedule}"
-            )
+            raise ConfigError(key, f"unknown keys {sorted(extra)}", f"use {CHECKPOINT_KEYS}")
         if "checkpoint" not in item:
-            raise ConfigError(key, "names no checkpoint", "use {checkpoint, update_schedule}")
-        schedule = item.get("update_schedule")
-        return str(item.checkpoint), None if schedule is None else str(schedule)
-    return str(item), None
+            raise ConfigError(key, "names no checkpoint", f"use {CHECKPOINT_KEYS}")
+        schedule, ns_dtype = item.get("update_schedule"), item.get("ns_dtype")
+        return (
+            str(item.checkpoint),
+            None if schedule is None else str(schedule),
+            None if ns_dtype is None else str(ns_dtype),
+        )
+    return str(item), None, None
 
 
 def _baseline(item: Any, key: str):
@@ -264,7 +270,7 @@ def _contenders(cfg: DictConfig):
         out = []
         for i, item in enumerate(_names(cfg, "checkpoints")):
             current = f"checkpoints.{i}"
-            checkpoint, schedule = _checkpoint_item(item, current)
+            checkpoint, schedule, ns_dtype = _checkpoint_item(item, current)
             out += learned_contenders(
                 checkpoint,
                 guarded=bool(cfg.guard.guarded),
@@ -274,6 +280,7 @@ def _contenders(cfg: DictConfig):
                 shadow=cfg.guard.shadow,
                 deferred=cfg.guard.deferred,
                 update_schedule=schedule,
+                ns_dtype=ns_dtype,
             )
         for i, item in enumerate(_names(cfg, "baselines")):
             current = f"baselines.{i}"

@@ -122,6 +122,9 @@ class LearnedContender(Contender):
     card: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     #: Anneal over each run as this says instead of as the card does (None: as the card).
     schedule_override: str | None = None
+    #: The Newton–Schulz dtype ``lopt`` was rebuilt with instead of the card's (None: the
+    #: card's); part of the cells' key, since it changes the trajectories' rounding.
+    ns_dtype_override: str | None = None
 
     @property
     def update_schedule(self) -> str:
@@ -141,6 +144,8 @@ class LearnedContender(Contender):
         spec = {"kind": "learned", "checkpoint_id": self.checkpoint_id}
         if self.update_schedule != "constant":  # (cells of constant checkpoints keep their key)
             spec["update_schedule"] = self.update_schedule
+        if self.ns_dtype_override is not None:
+            spec["ns_dtype"] = self.ns_dtype_override
         return spec
 
 
@@ -318,18 +323,22 @@ def learned_contenders(
     shadow: bool = False,
     deferred: bool = False,
     update_schedule: str | None = None,
+    ns_dtype: str | None = None,
 ) -> list[Contender]:
     """The checkpoint (shipped name or path) alone and/or under the guard (``shadow``: with the
     guard's fallback-alone shadow run, labelled ``+guard(<fallback>,shadow)``; ``deferred``:
     comparing on the next batch, ``+guard(<fallback>,deferred)``); ``update_schedule``
     anneals it over each run otherwise than its card says (labelled ``<name>+<schedule>``),
-    e.g. to try a checkpoint meta-trained without annealing with a cosine over the run."""
+    e.g. to try a checkpoint meta-trained without annealing with a cosine over the run;
+    ``ns_dtype`` runs its Newton–Schulz iteration in that dtype instead of the card's (labelled
+    ``<name>+<dtype> NS``; :func:`l2o.learned.optimizer.with_ns_dtype`)."""
     from l2o.learned.checkpoint import (
         CheckpointError,
         load_checkpoint,
         resolve_checkpoint,
         update_schedule_of,
     )
+    from l2o.learned.optimizer import with_ns_dtype
 
     try:
         lopt, meta_params, card = load_checkpoint(resolve_checkpoint(checkpoint))
@@ -345,8 +354,16 @@ def learned_contenders(
         override = None
     if override is not None:
         label = f"{label}+{override}"
+    if ns_dtype is not None and ns_dtype == lopt.config().get("ns_dtype"):
+        ns_dtype = None  # the card's own: the same cells as without it
+    if ns_dtype is not None:
+        try:
+            lopt = with_ns_dtype(lopt, ns_dtype, card["id"])
+        except ValueError as err:
+            raise ContenderError(f"checkpoint {checkpoint!r}: {err}") from None
+        label = f"{label}+{ns_dtype} NS"
     learned = LearnedContender(
-        label, str(checkpoint), card["id"], lopt, meta_params, card, override
+        label, str(checkpoint), card["id"], lopt, meta_params, card, override, ns_dtype
     )
     out: list[Contender] = [learned] if unguarded else []
     if guarded:

@@ -23,6 +23,14 @@ constant steps throughout, as in the first 80% of a meta-training episode, and w
 on a checkpoint meta-trained with constant steps (it helps the shipped one; EVALUATION.md)::
 
     opt = l2o.LearnedOptimizer(model.parameters(), update_schedule="wsd", total_steps=10_000)
+
+``ns_dtype=`` runs an orthogonalising checkpoint's Newton–Schulz iteration in another dtype than
+its card's (``"bfloat16"``, as Muon does; ``"float32"``, ``"float64"``). It is a numerical
+setting of the same optimizer, not a new one: the meta-parameters and the identity saved in
+``state_dict`` are the checkpoint's. bfloat16 halves the step on CPUs with bfloat16 matrix
+units (AVX-512-BF16, AMX) and on GPUs, and is slower elsewhere (BENCHMARKS.md)::
+
+    opt = l2o.LearnedOptimizer(model.parameters(), ns_dtype="bfloat16")
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any
 
 import torch
 
+from l2o.learned.base import LOpt
 from l2o.learned.checkpoint import (
     checkpoint_id,
     load_checkpoint,
@@ -59,17 +68,22 @@ class CheckpointedRules:
     ``total_steps``: the length of the run, required when the checkpoint was meta-trained with
     an update schedule (``update_schedule``, from its card) and unused otherwise; optional for
     ``wsd``, whose steps are the constant ones until the decay (without it: no decay, and a
-    warning). ``update_schedule``: anneal so instead of as the card says (None: as the card)."""
+    warning). ``update_schedule``: anneal so instead of as the card says (None: as the card).
+    ``ns_dtype``: the dtype of the Newton–Schulz iteration, for a checkpoint that has one (None:
+    as the card)."""
 
     def __init__(
         self,
         checkpoint: str | os.PathLike,
         total_steps: int | None = None,
         update_schedule: str | None = None,
+        ns_dtype: str | None = None,
     ) -> None:
         self.path = resolve_checkpoint(checkpoint)
         self.lopt, self.meta_params, self.card = load_checkpoint(self.path)
         self.id = checkpoint_id(self.card)
+        if ns_dtype is not None:
+            self.lopt = with_ns_dtype(self.lopt, ns_dtype, self.id)
         self.update_schedule = check_update_schedule(
             update_schedule_of(self.card) if update_schedule is None else update_schedule
         )
@@ -118,6 +132,19 @@ class CheckpointedRules:
             meta: Params = {k: v.to(device) for k, v in self.meta_params.items()}
             self._rules[device] = self.lopt.rule(meta)
         return self._rules[device]
+
+
+def with_ns_dtype(lopt: LOpt, ns_dtype: str, identity: str) -> LOpt:
+    """``lopt`` with its Newton–Schulz iteration in ``ns_dtype``, the rest of its config as it
+    is (the checkpoint ``identity``'s meta-parameters fit it unchanged). Refused, naming the
+    checkpoint, for an architecture without the iteration."""
+    config = lopt.config()
+    if "ns_dtype" not in config:
+        raise ValueError(
+            f"ns_dtype={ns_dtype!r}: checkpoint {identity} ({lopt.name}) orthogonalises nothing, "
+            "so it has no Newton–Schulz iteration to run in another dtype (leave ns_dtype out)"
+        )
+    return type(lopt)(**{**config, "ns_dtype": ns_dtype})
 
 
 class CheckpointedOptimizer(RuleOptimizer):
@@ -181,6 +208,8 @@ class LearnedOptimizer(CheckpointedOptimizer):
             schedule (see the module docstring); ignored by the others.
         update_schedule: anneal the steps over ``total_steps`` so (``"constant"``,
             ``"cosine"``, ``"linear"``, ``"wsd"``) instead of as the checkpoint's card says.
+        ns_dtype: run the Newton–Schulz iteration in this dtype (``"bfloat16"``,
+            ``"float32"``, ``"float64"``) instead of the card's; see the module docstring.
     """
 
     def __init__(
@@ -190,8 +219,9 @@ class LearnedOptimizer(CheckpointedOptimizer):
         lr: float = 1.0,
         total_steps: int | None = None,
         update_schedule: str | None = None,
+        ns_dtype: str | None = None,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule)
+        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule, ns_dtype)
         super().__init__(
             params,
             self.learned.rule,
