@@ -11,11 +11,16 @@ others, and every matrix's norm. Ablations, applied to the deployed rule (no ret
     python scripts/diagnose_weight_growth.py --adam         # Adam at lr 3e-3 for comparison
     python scripts/diagnose_weight_growth.py --rule muon --lr 0.02  # any registered rule
     python scripts/diagnose_weight_growth.py --checkpoint runs/ortho_noparam/checkpoints/last
+    python scripts/diagnose_weight_growth.py --no-param-feature --vector-rule adamw  # AdamW vectors
+    python scripts/diagnose_weight_growth.py --schedule constant  # as deployed without total_steps
 
 A diagnostic, not a benchmark: ``--mask-unseen`` sets ``OrthoMLPLOpt``'s ``mask_unseen``;
 ``--no-param-feature`` monkeypatches ``OrthoMLPRule`` in this process only (the option
 ``parameter_feature=False`` removes the input, which a checkpoint meta-trained with it cannot
-load).
+load); ``--vector-rule`` sets ``vector_rule`` (and its ``lr``, ``weight_decay``) on the loaded
+checkpoint, whose learned vector step is then unused. Besides the norms it prints the vectors'
+(biases') norms and the largest loss of one held-out image, which is where the held-out loss
+explodes.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ def main() -> None:
     parser.add_argument("--mask-unseen", action="store_true")
     parser.add_argument("--no-param-feature", action="store_true")
     parser.add_argument("--checkpoint", default="ortho_mlp", help="shipped name or path")
+    parser.add_argument("--schedule", default="wsd", help="the update schedule over --steps")
+    parser.add_argument("--vector-rule", help="a registered rule for the vectors (e.g. adamw)")
+    parser.add_argument("--vector-lr", type=float, default=3e-3, help="--vector-rule's lr")
+    parser.add_argument("--vector-weight-decay", type=float, default=0.1)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.no_param_feature:
@@ -65,9 +74,17 @@ def main() -> None:
     if args.adam or args.rule:
         rule = l2o.optim.get(args.rule or "adam", lr=args.lr)
     else:
-        learned = CheckpointedRules(args.checkpoint, args.steps, "wsd")
-        if args.mask_unseen:  # the rule's own option, with the checkpoint's meta-parameters
-            learned.lopt = ortho.OrthoMLPLOpt(**{**learned.lopt.config(), "mask_unseen": True})
+        learned = CheckpointedRules(args.checkpoint, args.steps, args.schedule)
+        options = learned.lopt.config()  # the rule's own options, with its meta-parameters
+        if args.mask_unseen:
+            options["mask_unseen"] = True
+        if args.vector_rule:
+            options["vector_rule"] = args.vector_rule
+            options["vector_hparams"] = {
+                "lr": args.vector_lr,
+                "weight_decay": args.vector_weight_decay,
+            }
+        learned.lopt = ortho.OrthoMLPLOpt(**options)
         rule = learned.annealed(learned.rule(torch.device("cpu")))
     params = task.init(torch.Generator().manual_seed(0))
     state = rule.init(params)
@@ -81,13 +98,22 @@ def main() -> None:
         params = {k: v.detach() for k, v in apply_updates(params, updates).items()}
         if t % 1000 == 0 or t == args.steps - 1:
             with torch.no_grad():
-                held_out = float(task.loss(params, task.batch(0, t, "eval")))
+                (x,) = task.batch(0, t, "eval")
+                per_image = ((task.apply(params, x) - x) ** 2).mean(1)
             w = params[first]
-            norms = " ".join(f"{float(p.norm()):.1f}" for p in params.values() if p.ndim == 2)
+            norms = {
+                kind: " ".join(f"{float(p.norm()):.1f}" for p in params.values() if keep(p))
+                for kind, keep in [
+                    ("matrix", lambda p: p.ndim == 2),
+                    ("vector", lambda p: p.ndim < 2),
+                ]
+            }
             print(
-                f"step {t}: train {float(loss):.4f} held-out {held_out:.4f} "
+                f"step {t}: train {loss.item():.4f} held-out {float(per_image.mean()):.4f} "
+                f"(worst image {float(per_image.max()):.1f}) "
                 f"|W1 dead columns| {float(w[:, dead].norm()):.2f} "
-                f"|W1 others| {float(w[:, ~dead].norm()):.2f} matrix norms {norms}",
+                f"|W1 others| {float(w[:, ~dead].norm()):.2f} "
+                f"matrix norms {norms['matrix']} vector norms {norms['vector']}",
                 flush=True,
             )
 
