@@ -5,31 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _shipped_curves import shipped_curves
 
-from l2o.eval.cells import CellStore
-from l2o.eval.contenders import rule_contender
-from l2o.eval.evaluation import Settings, _tune
-from l2o.eval.metrics import smooth, steps_to_reach
-from l2o.eval.runs import run_rule
-from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
-from l2o.meta.configure import build, compose_config
-from l2o.optim import get
-from l2o.tasks.suites import HELD_OUT_SEED, SuiteEntry
+from l2o.eval.metrics import steps_to_reach
 
 
 def _curves(steps: int, seeds: int, tmp_path):
-    task = build(compose_config("experiment=ortho_mlp"), torch.device("cpu"))["task"]
-    task = task.sample(HELD_OUT_SEED)
-    lopt, meta, card = load_checkpoint(resolve_checkpoint("ortho_mlp"))
-    assert card["id"] == "ortho_mlp-b40a2ff24547"
-    held_out = tuple(HELD_OUT_SEED + i for i in range(seeds))
-    entry = SuiteEntry("mnist1d_mlp", task, steps, held_out)
-    settings = Settings(grid=(3e-3, 1e-2, 3e-2), tuning_seeds=4)
-    tuned = _tune(rule_contender("adam"), entry, settings, CellStore(tmp_path))
-    assert tuned["lr"] in (3e-3, 1e-2)  # an interior optimum: the grid brackets Adam's best
-    adam = run_rule(get("adam", lr=tuned["lr"]), task, held_out, steps).curves
-    learned = run_rule(lopt.rule(meta), task, held_out, steps).curves
-    return smooth(adam.mean(1, keepdim=True))[:, 0], smooth(learned.mean(1, keepdim=True))[:, 0]
+    return shipped_curves(
+        "ortho_mlp", "ortho_mlp-b40a2ff24547", "ortho_mlp", steps, seeds, tmp_path
+    )
 
 
 def test_in_distribution_it_reaches_tuned_adams_final_loss_in_70_percent_of_the_steps(tmp_path):
