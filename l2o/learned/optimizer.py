@@ -27,8 +27,9 @@ on a checkpoint meta-trained with constant steps (it helps the shipped one; EVAL
 ``ns_dtype=`` runs an orthogonalising checkpoint's Newton–Schulz iteration in another dtype than
 its card's (``"bfloat16"``, as Muon does; ``"float32"``, ``"float64"``). It is a numerical
 setting of the same optimizer, not a new one: the meta-parameters and the identity saved in
-``state_dict`` are the checkpoint's. bfloat16 halves the step on CPUs with bfloat16 matrix
-units (AVX-512-BF16, AMX) and on GPUs, and is slower elsewhere (BENCHMARKS.md)::
+``state_dict`` are the checkpoint's. At 1M parameters bfloat16 made the step 1.8–2.1x faster
+on CPUs with bfloat16 matrix units (AVX-512-BF16, AMX); on GPUs, where it is Muon's default,
+and on CPUs without such units it is not measured (BENCHMARKS.md)::
 
     opt = l2o.LearnedOptimizer(model.parameters(), ns_dtype="bfloat16")
 """
