@@ -694,6 +694,8 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         update_schedule: anneal so instead of as the checkpoint's card says (e.g. ``"wsd"``).
         ns_dtype: the learned candidate's Newton–Schulz dtype instead of the card's (e.g.
             ``"bfloat16"``; :class:`~l2o.learned.optimizer.LearnedOptimizer`).
+        compile: the learned candidate's per-coordinate work through ``torch.compile``
+            (:class:`~l2o.learned.optimizer.LearnedOptimizer`).
     """
 
     def __init__(
@@ -710,8 +712,11 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         shadow_margin: float = 0.01,
         update_schedule: str | None = None,
         ns_dtype: str | None = None,
+        compile: bool = False,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule, ns_dtype)
+        self.learned = CheckpointedRules(
+            checkpoint, total_steps, update_schedule, ns_dtype, compile
+        )
         fallback_kwargs = dict(fallback_kwargs or {})
         self.fallback = self.learned.annealed_fallback(registry.get(fallback, **fallback_kwargs))
         if self.fallback.needs_loss_fn:

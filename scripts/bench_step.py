@@ -24,7 +24,11 @@ Two measurements, on MLPs ``w -> w -> w -> 10`` sized to ``--params``:
     python scripts/bench_step.py --checkpoints ortho_mlp --ns-dtypes bfloat16  # + bf16 NS rows
 
 ``--ns-dtypes`` adds, for each orthogonalising checkpoint, the fused step with its Newton–Schulz
-iteration in those dtypes (``LearnedOptimizer(..., ns_dtype=...)``).
+iteration in those dtypes (``LearnedOptimizer(..., ns_dtype=...)``). ``--compile`` adds, for each
+checkpoint with a compiled path, that path (``LearnedOptimizer(..., compile=True)``) in float32
+and in each of ``--ns-dtypes``; it compiles before the timed rounds.
+
+    python scripts/bench_step.py --checkpoints ortho_mlp --ns-dtypes bfloat16 --compile
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from torch import nn
 
 import l2o
 from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
+from l2o.learned.optimizer import CheckpointedRules
 from l2o.optim import Adam as L2OAdam
 
 #: Learned-MLP multiply-adds per coordinate of the ``mlp`` optimizer's fused path: 22
@@ -189,8 +194,16 @@ def _orthogonalises(checkpoint: str) -> bool:
     return "ns_dtype" in load_checkpoint(resolve_checkpoint(checkpoint))[0].config()
 
 
+def _compilable(checkpoint: str) -> bool:
+    try:
+        CheckpointedRules(checkpoint, compile=True)
+    except ValueError:
+        return False
+    return True
+
+
 def _step_alone_contenders(
-    device: torch.device, checkpoints: list[str], ns_dtypes: list[str]
+    device: torch.device, checkpoints: list[str], ns_dtypes: list[str], compile: bool = False
 ) -> dict[str, Callable]:
     contenders: dict[str, Callable] = {"torch AdamW": lambda p: _adamw(p, device)}
     for name in checkpoints:
@@ -203,6 +216,11 @@ def _step_alone_contenders(
         for dtype in ns_dtypes if _orthogonalises(name) else ():
             contenders[f"l2o LearnedOptimizer {name} ({dtype} NS, fused)"] = (
                 lambda p, c=name, d=dtype: l2o.LearnedOptimizer(p, checkpoint=c, ns_dtype=d)
+            )
+        for dtype in [None, *ns_dtypes] if compile and _compilable(name) else []:
+            label = f"{dtype} NS, compiled" if dtype else "compiled"
+            contenders[f"l2o LearnedOptimizer {name} ({label})"] = lambda p, c=name, d=dtype: (
+                l2o.LearnedOptimizer(p, checkpoint=c, ns_dtype=d, compile=True)
             )
     contenders["torch Muon (bf16 NS) + AdamW"] = lambda p: Optimizers(_torch_muon(p, device))
     contenders["l2o Muon (float32 NS)"] = lambda p: l2o.optim.Muon(p, lr=0.02, ns_dtype="float32")
@@ -225,17 +243,22 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def step_memory(
-    n_params: float, device: torch.device, checkpoints: list[str], ns_dtypes: list[str]
+    n_params: float,
+    device: torch.device,
+    checkpoints: list[str],
+    ns_dtypes: list[str],
+    compile: bool = False,
 ) -> dict[str, tuple[int, int]]:
     """Per contender: (transient bytes of one step, optimizer state bytes)."""
     if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
         command = [sys.executable, __file__, "--memory-of", str(n_params), "--devices", "cpu"]
         command += ["--checkpoints", *checkpoints, "--ns-dtypes", *ns_dtypes]
+        command += ["--compile"] if compile else []
         out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
         return {k: tuple(v) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
     found = {}
-    for name, make in _step_alone_contenders(device, checkpoints, ns_dtypes).items():
+    for name, make in _step_alone_contenders(device, checkpoints, ns_dtypes, compile).items():
         opt = _prepared(make, _width(n_params), device)
         with PeakMemory(device) as memory:
             opt.step()
@@ -251,11 +274,13 @@ def bench_step_alone(
     steps: int,
     checkpoints: list[str],
     ns_dtypes: list[str],
+    compile: bool = False,
 ) -> dict:
     width = _width(n_params)
+    contenders = _step_alone_contenders(device, checkpoints, ns_dtypes, compile)
     runs = {
         name: {"opt": _prepared(make, width, device), "times": []}
-        for name, make in _step_alone_contenders(device, checkpoints, ns_dtypes).items()
+        for name, make in contenders.items()
     }
     for _ in range(rounds):  # interleaved: every contender sees the same machine load
         for run in runs.values():
@@ -322,6 +347,7 @@ def main() -> None:
     parser.add_argument("--params", type=float, nargs="+", default=[1e5, 1e6, 1e7])
     parser.add_argument("--checkpoints", nargs="+", default=["mlp_2x32", "ortho_mlp"])
     parser.add_argument("--ns-dtypes", nargs="*", default=[], help="e.g. bfloat16")
+    parser.add_argument("--compile", action="store_true", help="add the compiled step's rows")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--train-width", type=int, default=256)
@@ -334,7 +360,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.memory_of is not None:  # the child process of step_memory
         device = torch.device(args.devices[0])
-        print(json.dumps(step_memory(args.memory_of, device, args.checkpoints, args.ns_dtypes)))
+        found = step_memory(args.memory_of, device, args.checkpoints, args.ns_dtypes, args.compile)
+        print(json.dumps(found))
         return
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lopts = {name: load_checkpoint(resolve_checkpoint(name))[0] for name in args.checkpoints}
@@ -361,10 +388,16 @@ def main() -> None:
         print("|---:|---|---:|---:|---:|---:|---:|")
         for n_params in args.params:
             result = bench_step_alone(
-                n_params, device, args.rounds, args.steps, args.checkpoints, args.ns_dtypes
+                n_params,
+                device,
+                args.rounds,
+                args.steps,
+                args.checkpoints,
+                args.ns_dtypes,
+                args.compile,
             )
             n, medians = result["n"], result["medians"]
-            memory = step_memory(n_params, device, args.checkpoints, args.ns_dtypes)
+            memory = step_memory(n_params, device, args.checkpoints, args.ns_dtypes, args.compile)
             base = medians["torch AdamW"]
             for name, seconds in medians.items():
                 transient, state = memory[name]

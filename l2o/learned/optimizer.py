@@ -32,10 +32,20 @@ on CPUs with bfloat16 matrix units (AVX-512-BF16, AMX); on GPUs, where it is Muo
 and on CPUs without such units it is not measured (BENCHMARKS.md)::
 
     opt = l2o.LearnedOptimizer(model.parameters(), ns_dtype="bfloat16")
+
+``compile=True`` computes each tensor's accumulators and per-coordinate direction in one
+``torch.compile``d pass (inductor: C++ on CPU, which needs a compiler, Triton on GPU) instead of
+the eager blocked path: the same update to float32 rounding, for checkpoints whose architecture
+has that path (``ortho_mlp``). The first steps compile, about 10 s per kind of tensor (matrix or
+vector, and a few size patterns) on a 2-core CPU; where compilation fails, a warning says why and
+the steps run eagerly. Measured speed-ups are in BENCHMARKS.md::
+
+    opt = l2o.LearnedOptimizer(model.parameters(), ns_dtype="bfloat16", compile=True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -71,7 +81,8 @@ class CheckpointedRules:
     ``wsd``, whose steps are the constant ones until the decay (without it: no decay, and a
     warning). ``update_schedule``: anneal so instead of as the card says (None: as the card).
     ``ns_dtype``: the dtype of the Newton–Schulz iteration, for a checkpoint that has one (None:
-    as the card)."""
+    as the card). ``compile``: the rule's compiled per-coordinate path (refused, naming the
+    checkpoint, for an architecture without one)."""
 
     def __init__(
         self,
@@ -79,7 +90,10 @@ class CheckpointedRules:
         total_steps: int | None = None,
         update_schedule: str | None = None,
         ns_dtype: str | None = None,
+        compile: bool = False,
     ) -> None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
         self.path = resolve_checkpoint(checkpoint)
         self.lopt, self.meta_params, self.card = load_checkpoint(self.path)
         self.id = checkpoint_id(self.card)
@@ -108,6 +122,12 @@ class CheckpointedRules:
             )
         else:
             self.total_steps = positive_int("total_steps", total_steps)
+        self.compile = compile
+        if compile and "compiled" not in {f.name for f in dataclasses.fields(self._rule_type())}:
+            raise ValueError(
+                f"compile=True: checkpoint {self.id} ({self.lopt.name}) has no compiled step; "
+                "leave compile out"
+            )
         self._rules: dict[torch.device, UpdateRule] = {}
 
     def annealed(self, rule: UpdateRule) -> UpdateRule:
@@ -131,8 +151,12 @@ class CheckpointedRules:
     def rule(self, device: torch.device) -> UpdateRule:
         if device not in self._rules:
             meta: Params = {k: v.to(device) for k, v in self.meta_params.items()}
-            self._rules[device] = self.lopt.rule(meta)
+            rule = self.lopt.rule(meta)
+            self._rules[device] = rule.replace(compiled=True) if self.compile else rule
         return self._rules[device]
+
+    def _rule_type(self) -> type:
+        return type(self.lopt.rule(self.meta_params))
 
 
 def with_ns_dtype(lopt: LOpt, ns_dtype: str, identity: str) -> LOpt:
@@ -211,6 +235,7 @@ class LearnedOptimizer(CheckpointedOptimizer):
             ``"cosine"``, ``"linear"``, ``"wsd"``) instead of as the checkpoint's card says.
         ns_dtype: run the Newton–Schulz iteration in this dtype (``"bfloat16"``,
             ``"float32"``, ``"float64"``) instead of the card's; see the module docstring.
+        compile: the per-coordinate work through ``torch.compile``; see the module docstring.
     """
 
     def __init__(
@@ -221,8 +246,11 @@ class LearnedOptimizer(CheckpointedOptimizer):
         total_steps: int | None = None,
         update_schedule: str | None = None,
         ns_dtype: str | None = None,
+        compile: bool = False,
     ) -> None:
-        self.learned = CheckpointedRules(checkpoint, total_steps, update_schedule, ns_dtype)
+        self.learned = CheckpointedRules(
+            checkpoint, total_steps, update_schedule, ns_dtype, compile
+        )
         super().__init__(
             params,
             self.learned.rule,

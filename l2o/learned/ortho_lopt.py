@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -280,6 +281,10 @@ class OrthoMLPRule(BlockedLearnedRule):
     """The update rule of :class:`OrthoMLPLOpt` at fixed ``meta_params``."""
 
     lopt: OrthoMLPLOpt = dataclasses.field(repr=False)
+    #: Compute each learned tensor's accumulators and per-coordinate direction with
+    #: :func:`compiled_coordinates` (one ``torch.compile``d pass) instead of the eager blocked
+    #: path: an implementation setting for the drop-in optimizer (no vmap), like ``chunk_size``.
+    compiled: bool = dataclasses.field(default=False, repr=False)
 
     def tensorwise(self) -> bool:
         # Every tensor's update is its own; a hand-designed vector rule must be so as well.
@@ -461,6 +466,75 @@ class OrthoMLPRule(BlockedLearnedRule):
         rms = torch.sqrt(mean_square + TINY)
         return (rms * constants["rms_correction"]).clamp(max=1.0)
 
+    def _coordinates_eager(
+        self,
+        g: Tensor,
+        p: Tensor,
+        m_old: Tensor,
+        v_old: Tensor,
+        matrix: bool,
+        constants: dict[str, Any],
+        fused: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One tensor's new ``m``, ``v``, its direction ``u`` before orthogonalisation or
+        normalisation, and the ``step_scale_momentum`` input's mean square."""
+        m = ema(m_old, g.unsqueeze(-1), constants["beta_m"])
+        v = ema(v_old, g * g, constants["beta_v"])
+        direction_of = self._direction_fused if fused else self._direction_reference
+        u, mean_square = direction_of(g, p, m, v, matrix, constants)
+        u = u.reshape(p.shape)
+        if self.lopt.mask_unseen:
+            u = torch.where(v > 0, u, torch.zeros_like(u))
+        return m, v, u, mean_square
+
+    def _coordinates_compiled(
+        self,
+        g: Tensor,
+        p: Tensor,
+        m_old: Tensor,
+        v_old: Tensor,
+        matrix: bool,
+        constants: dict[str, Any],
+        fused: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What :meth:`_coordinates_eager` computes, through :func:`compiled_coordinates` on
+        the tensor viewed as ``[rows, cols]`` (a matrix's first dim by the rest; a vector as one
+        row). Falls back to the eager path (``fused`` or not) for good, with a warning, where
+        compilation fails (e.g. no C++ compiler for inductor on CPU)."""
+        global _compile_failure
+        if "feature_major_layers" not in constants:
+            layers = self._feature_major_layers(constants["meta"], constants["embedding"])
+            constants["feature_major_layers"] = layers
+        lopt, k = self.lopt, len(self.lopt.momentum_decays)
+        rows = p.shape[0] if matrix else 1
+        try:
+            # Each tensor rank pattern, dtype and flag set is its own graph; dynamo's default of
+            # 8 per function would silently run the rest through the (slow) uncompiled form.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                m, v, u, mean_square = compiled_coordinates(
+                    g.reshape(rows, -1),
+                    p.reshape(rows, -1) if lopt.parameter_feature else None,
+                    m_old.reshape(rows, -1, k),
+                    v_old.reshape(rows, -1),
+                    constants["beta_m"],
+                    constants["beta_v"],
+                    [w for layer in constants["feature_major_layers"] for w in layer],
+                    matrix=matrix,
+                    base_momentum=lopt.base_momentum,
+                    measured_momentum=lopt.step_scale_momentum,
+                    exp_mult=lopt.exp_mult,
+                    mask_unseen=lopt.mask_unseen,
+                )
+        except Exception as error:  # any compiler failure: run eagerly instead
+            _compile_failure = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                "ortho_mlp: the compiled step failed, so every step runs the eager one "
+                f"(same results, slower): {_compile_failure[:500]}",
+                stacklevel=4,
+            )
+            return self._coordinates_eager(g, p, m_old, v_old, matrix, constants, fused)
+        return m.reshape(m_old.shape), v.reshape(v_old.shape), u.reshape(p.shape), mean_square
+
     def _matrix_direction(self, u: Tensor, shape: torch.Size) -> Tensor:
         rows, cols = shape[0], math.prod(shape[1:])
         ortho = newton_schulz(
@@ -491,15 +565,16 @@ class OrthoMLPRule(BlockedLearnedRule):
                 shared[dtype] = self._constants(step, dtype, p.device)
             constants = shared[dtype]
             g = grads[name].to(dtype)
-            m = ema(m_old, g.unsqueeze(-1), constants["beta_m"])
-            v = ema(v_old, g * g, constants["beta_v"])
             matrix = self._is_matrix(name, p)
             fused = fused_above is not None and p.numel() > fused_above
-            direction_of = self._direction_fused if fused else self._direction_reference
-            u, mean_square = direction_of(g, p.to(dtype), m, v, matrix, constants)
-            u = u.reshape(p.shape)
-            if self.lopt.mask_unseen:
-                u = torch.where(v > 0, u, torch.zeros_like(u))
+            coordinates_of = (
+                self._coordinates_compiled
+                if self.compiled and _compile_failure is None
+                else self._coordinates_eager
+            )
+            m, v, u, mean_square = coordinates_of(
+                g, p.to(dtype), m_old, v_old, matrix, constants, fused
+            )
             kind = "matrix" if matrix else "vector"
             step_size = torch.exp(self.meta_params[f"log_lr_{kind}"]).to(u)
             if self.lopt.step_scale == "adam_rms":
@@ -516,3 +591,71 @@ class OrthoMLPRule(BlockedLearnedRule):
             )
             updates.update({n: lr * u for n, u in hand_updates.items()})
         return {k: updates[k] for k in params}, new_state
+
+
+#: Graphs of :func:`coordinates` kept per process: one per dtype, flag set (matrix or vector,
+#: with or without the parameter input and the mask) and pattern of size-1 dims.
+RECOMPILE_LIMIT = 64
+
+#: Why compilation failed in this process (None: it has not), after which every compiled rule
+#: runs the eager path: one failure (a missing compiler) would fail every later step alike.
+_compile_failure: str | None = None
+
+
+def coordinates(
+    g: Tensor,
+    p: Tensor | None,
+    m_old: Tensor,
+    v_old: Tensor,
+    beta_m: Tensor,
+    beta_v: Tensor,
+    layers: list[Tensor],
+    *,
+    matrix: bool,
+    base_momentum: int,
+    measured_momentum: int,
+    exp_mult: float,
+    mask_unseen: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``ortho_mlp``'s per-coordinate work on one tensor, ``[R, C]`` (``m_old``: ``[R, C, K]``),
+    written for :func:`torch.compile`: new ``m`` and ``v``, the direction ``u`` and the mean
+    square of the ``measured_momentum`` input, as :meth:`OrthoMLPRule._coordinates_eager`.
+
+    The MLP is spelled out as scalar-weighted sums of ``[R, C]`` tensors (``layers``: the
+    feature-major ``Wᵀ``, ``b[:, None]`` pairs, flattened), not as matrix products: inductor
+    then fuses inputs, every layer and the output into one loop over the coordinates, with no
+    ``[numel, features]`` or ``[numel, hidden]`` buffer, which the narrow products of the eager
+    path cannot avoid (BENCHMARKS.md). Eagerly this form is slow (one op per weight)."""
+    m = torch.lerp(g.unsqueeze(-1), m_old, beta_m)
+    v = torch.lerp(g * g, v_old, beta_v)
+    mean_v = torch.mean(v)
+    floor = RELATIVE_EPS * mean_v + TINY
+    inv_s = torch.rsqrt(v + floor)
+    inputs = [m[..., j] * inv_s for j in range(m.shape[-1])] + [g * inv_s]
+    if matrix:  # v̂ = rowmean(v) ⊗ colmean(v) / mean(v)
+        col_mean = torch.mean(v, 0, keepdim=True) / (mean_v + TINY)
+        inputs.append(m[..., 0] * torch.rsqrt(torch.mean(v, 1, keepdim=True) * col_mean + floor))
+    else:
+        inputs.append(m[..., 0] * inv_s)
+    if p is not None:
+        inputs.append(p * torch.rsqrt(torch.mean(p * p) + TINY))
+    hidden = inputs
+    for i in range(0, len(layers), 2):
+        weight, bias = layers[i], layers[i + 1]  # [out, in], [out, 1]
+        hidden = [
+            sum((hidden[c] * weight[r, c] for c in range(weight.shape[1])), bias[r, 0])
+            for r in range(weight.shape[0])
+        ]
+        if i + 2 < len(layers):
+            hidden = [torch.relu(h) for h in hidden]
+    direction, log_magnitude = hidden
+    u = (inputs[base_momentum] + direction) * torch.exp(exp_mult * log_magnitude)
+    if mask_unseen:
+        u = torch.where(v > 0, u, torch.zeros_like(u))
+    measured = inputs[measured_momentum]
+    return m, v, u, torch.mean(measured * measured)
+
+
+#: :func:`coordinates` compiled once per process (shapes symbolic, so a new tensor size does
+#: not recompile; each dtype, layout of the flags and layer count does).
+compiled_coordinates = torch.compile(coordinates, dynamic=True)
