@@ -13,7 +13,7 @@ from l2o.eval.runs import run_rule
 from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
 from l2o.meta.configure import build, compose_config
 from l2o.optim import get
-from l2o.tasks.suites import HELD_OUT_SEED, SuiteEntry
+from l2o.tasks.suites import HELD_OUT_SEED, SuiteEntry, get_suite
 
 
 def shipped_curves(
@@ -34,3 +34,19 @@ def shipped_curves(
     adam = run_rule(get("adam", lr=tuned["lr"]), task, held_out, steps).curves
     learned = run_rule(lopt.rule(meta), task, held_out, steps).curves
     return smooth(adam.mean(1, keepdim=True))[:, 0], smooth(learned.mean(1, keepdim=True))[:, 0]
+
+
+def autoencoder_ratios(checkpoint: str, checkpoint_id: str) -> tuple[float, float]:
+    """``(training, held-out)``: a shipped checkpoint's final losses over tuned Adam's (lr 3e-3,
+    its tuned rate in l2o-eval's ``real_models`` run) on that suite's 10,000-step autoencoder,
+    2 held-out seeds, no guard; the checkpoint's losses checked finite first."""
+    (entry,) = [e for e in get_suite("real_models", n_seeds=2).entries if "autoencoder" in e.name]
+    assert entry.horizon == 10_000
+    lopt, meta, card = load_checkpoint(resolve_checkpoint(checkpoint))
+    assert card["id"] == checkpoint_id
+    learned = run_rule(lopt.rule(meta), entry.task, entry.seeds, entry.horizon)
+    adam = run_rule(get("adam", lr=3e-3), entry.task, entry.seeds, entry.horizon)
+    assert torch.isfinite(learned.curves).all()
+    final = [float(run.curves[-100:].mean()) for run in (learned, adam)]
+    held_out = [float(run.eval_losses.mean()) for run in (learned, adam)]
+    return final[0] / final[1], held_out[0] / held_out[1]
