@@ -385,6 +385,16 @@ class OrthoMLPRule(BlockedLearnedRule):
         biases = [b0] + [meta[f"b{i}"] for i in range(1, layers)]
         return [(w.T.contiguous(), b.unsqueeze(1)) for w, b in zip(weights, biases, strict=True)]
 
+    def _cached_feature_major_layers(
+        self, constants: dict[str, Any]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`_feature_major_layers` of ``constants``, built once per dtype and step, and
+        only by the paths that use them (fused and compiled)."""
+        if "feature_major_layers" not in constants:
+            layers = self._feature_major_layers(constants["meta"], constants["embedding"])
+            constants["feature_major_layers"] = layers
+        return constants["feature_major_layers"]
+
     def _direction(self, inputs: Tensor, constants: dict[str, Any]) -> Tensor:
         """``u = (base + d)·exp(λ a)`` per coordinate, ``[numel]``."""
         meta, embedding = constants["meta"], constants["embedding"]
@@ -413,10 +423,7 @@ class OrthoMLPRule(BlockedLearnedRule):
         Feature-major blocks (``[6, n]`` inputs, ``[8, n]`` activations, ``W^T x`` products)
         stay in cache. Pure (the in-place ReLU acts on fresh products), so it also runs under
         vmap and autograd."""
-        if "feature_major_layers" not in constants:  # once per dtype, and only when fused
-            layers = self._feature_major_layers(constants["meta"], constants["embedding"])
-            constants["feature_major_layers"] = layers
-        lopt, layers = self.lopt, constants["feature_major_layers"]
+        lopt, layers = self.lopt, self._cached_feature_major_layers(constants)
         k = len(lopt.momentum_decays)
         floor = RELATIVE_EPS * torch.mean(v) + TINY
         p_scale = 1.0 / _rms(p) if lopt.parameter_feature else None
@@ -502,9 +509,7 @@ class OrthoMLPRule(BlockedLearnedRule):
         row). Falls back to the eager path (``fused`` or not) for good, with a warning, where
         compilation fails (e.g. no C++ compiler for inductor on CPU)."""
         global _compile_failure
-        if "feature_major_layers" not in constants:
-            layers = self._feature_major_layers(constants["meta"], constants["embedding"])
-            constants["feature_major_layers"] = layers
+        layers = self._cached_feature_major_layers(constants)
         lopt, k = self.lopt, len(self.lopt.momentum_decays)
         rows = p.shape[0] if matrix else 1
         try:
@@ -518,7 +523,7 @@ class OrthoMLPRule(BlockedLearnedRule):
                     v_old.reshape(rows, -1),
                     constants["beta_m"],
                     constants["beta_v"],
-                    [w for layer in constants["feature_major_layers"] for w in layer],
+                    [w for layer in layers for w in layer],
                     matrix=matrix,
                     base_momentum=lopt.base_momentum,
                     measured_momentum=lopt.step_scale_momentum,
