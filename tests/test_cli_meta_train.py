@@ -66,6 +66,20 @@ def test_the_mixture_recipe_draws_mlps_and_cnns_over_long_episodes(tmp_path):
     assert cfg.estimator.horizon >= 2000 and cfg.estimator.horizon_schedule == "log_uniform"
 
 
+def test_the_long_mixture_recipe_draws_five_fixed_structures_with_a_sequence_model(tmp_path):
+    """Each member is one structure, so the compiled truncation scan compiles once per member
+    instead of once per draw."""
+    cfg = _cfg(tmp_path, "experiment=ortho_long_mixture")
+    family = build(cfg, "cpu")["estimator"].family
+    configs = {repr(sorted(family.sample(seed).config().items())) for seed in range(60)}
+    assert len(configs) == 5
+    names = sorted(family.sample(seed).name for seed in range(60))
+    assert set(names) == {"mlp", "cnn", "char_transformer"}
+    assert names.count("mlp") > names.count("cnn")  # the core MNIST-1D MLP has weight 2
+    assert cfg.estimator.compile and cfg.estimator.truncation == 100
+    assert cfg.estimator.horizon >= 2000 and cfg.lopt.vector_rule == "adamw"
+
+
 def test_smoke_run_writes_checkpoints_that_load(tmp_path):
     result = run(_cfg(tmp_path))
     assert len(result["history"]) == 3

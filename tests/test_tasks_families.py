@@ -11,6 +11,7 @@ from torch.func import grad, vmap
 from l2o.tasks import Task, TaskFamily
 from l2o.tasks.augment import LossScaleTask, ReparamTask
 from l2o.tasks.families import (
+    CharLMFamily,
     ConvNetFamily,
     MixtureFamily,
     MLPFamily,
@@ -18,7 +19,7 @@ from l2o.tasks.families import (
     family_names,
     get_family,
 )
-from l2o.tasks.language import CharLSTMTask
+from l2o.tasks.language import CharLSTMTask, CharTransformerTask
 from l2o.tasks.suites import HELD_OUT_SEED, Suite, get_suite, suite_names
 from l2o.tasks.supervised import ACTIVATIONS, MLPClassifierTask
 from l2o.tasks.synthetic import QuadraticTask
@@ -163,6 +164,7 @@ FAMILIES = {
     "mlp": lambda: MLPFamily(datasets=["digits", "mnist1d"], horizon=(10, 50)),
     "cnn": lambda: ConvNetFamily(width=(2, 4)),
     "quadratic": lambda: QuadraticFamily(dim=(2, 8)),
+    "char_lm": lambda: CharLMFamily(width=(4, 12), seq_len=(4, 8)),
     "mixture": lambda: MixtureFamily([MLPFamily(), QuadraticFamily()]),
 }
 
@@ -190,6 +192,24 @@ def test_family_draws_stay_in_range_and_carry_the_horizon():
         assert 32 <= task.batch_size <= 128 and 0.5 <= task.init_scale <= 2.0
         assert isinstance(task.horizon, int) and 20 <= task.horizon <= 40
     assert not hasattr(MLPFamily().sample(0), "horizon")
+
+
+def test_char_lm_family_draws_both_models_within_range():
+    family = CharLMFamily(width=(5, 9), depth=(1, 2), seq_len=(4, 6), batch_size=(2, 3))
+    tasks = [family.sample(seed) for seed in range(12)]
+    assert {type(t) for t in tasks} == {CharLSTMTask, CharTransformerTask}
+    for task in tasks:
+        assert 4 <= task.seq_len <= 6 and 2 <= task.batch_size <= 3
+        if isinstance(task, CharLSTMTask):
+            assert 5 <= task.hidden_size <= 9 and task.embed_dim == task.hidden_size // 2
+        else:  # two heads: d_model rounded down to an even width
+            assert task.d_model in (4, 6, 8) and task.n_heads == 2 and 1 <= task.n_layers <= 2
+    only = CharLMFamily(models=["transformer"], width=8)
+    assert all(isinstance(only.sample(s), CharTransformerTask) for s in range(4))
+    with pytest.raises(ValueError, match="CharLMFamily: models "):
+        CharLMFamily(models=["gru"])
+    with pytest.raises(ValueError, match="CharLMFamily: width "):
+        CharLMFamily(width=(1, 4))
 
 
 def test_augmentation_probabilities_wrap_sampled_tasks():
@@ -246,7 +266,7 @@ def test_mixture_draws_members_by_weight():
 
 
 def test_get_family_builds_from_config_and_rejects_unknown_names():
-    assert set(family_names()) == {"mlp", "cnn", "quadratic", "mixture"}
+    assert set(family_names()) == {"mlp", "cnn", "char_lm", "quadratic", "mixture"}
     for make in FAMILIES.values():
         family = make()
         assert get_family(**family.config()) == family

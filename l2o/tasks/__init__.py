@@ -3,6 +3,7 @@
 from l2o.tasks.augment import LossScaleTask, ReparamTask
 from l2o.tasks.base import Batch, Task, TaskFamily
 from l2o.tasks.families import (
+    CharLMFamily,
     ConvNetFamily,
     MixtureFamily,
     MLPFamily,
@@ -24,6 +25,7 @@ from l2o.tasks.synthetic import QuadraticTask, RosenbrockTask
 __all__ = [
     "AutoencoderTask",
     "Batch",
+    "CharLMFamily",
     "CharLSTMTask",
     "CharTransformerTask",
     "ConvNetFamily",

@@ -35,6 +35,7 @@ from l2o.registry import Registry, did_you_mean
 from l2o.tasks.augment import LossScaleTask, ReparamTask
 from l2o.tasks.base import Task, TaskFamily
 from l2o.tasks.data import DATASET_NAMES, seeded_generator
+from l2o.tasks.language import CharLSTMTask, CharTransformerTask
 from l2o.tasks.supervised import ACTIVATIONS, ConvNetTask, MLPClassifierTask
 from l2o.tasks.synthetic import QuadraticTask
 from l2o.validation import log_uniform
@@ -296,6 +297,56 @@ class QuadraticFamily(SampledFamily):
 
 
 @dataclasses.dataclass(frozen=True)
+class CharLMFamily(SampledFamily):
+    """Small next-character language models on the stdlib-source corpus
+    (:mod:`l2o.tasks.language`), the sequence models of a task mixture: the model drawn
+    uniformly from ``models`` (``lstm``: :class:`~l2o.tasks.language.CharLSTMTask` with
+    ``width`` hidden units and embeddings of ``width // 2``; ``transformer``:
+    :class:`~l2o.tasks.language.CharTransformerTask` with ``d_model`` ``width`` rounded down to
+    an even number, 2 heads and ``depth`` blocks), ``width``, ``seq_len`` and ``batch_size``
+    log-uniformly, ``depth`` uniformly."""
+
+    models: Any = ("lstm", "transformer")
+    width: Any = (16, 48)
+    depth: Any = (1, 2)
+    seq_len: Any = (16, 32)
+    batch_size: Any = (8, 32)
+
+    name: ClassVar[str] = "char_lm"
+    MODELS: ClassVar[tuple[str, ...]] = ("lstm", "transformer")
+
+    def _validate(self, family: str) -> None:
+        self._set("models", _as_choices(family, "models", self.models, self.MODELS))
+        self._set("width", _as_range(family, "width", self.width, integer=True, low=2))
+        self._set("depth", _as_range(family, "depth", self.depth, integer=True, low=1))
+        self._set("seq_len", _as_range(family, "seq_len", self.seq_len, integer=True, low=1))
+        self._set(
+            "batch_size", _as_range(family, "batch_size", self.batch_size, integer=True, low=1)
+        )
+
+    def _build(self, g: torch.Generator) -> Task:
+        model = _choice(g, self.models)
+        width = _log_uniform_int(g, *self.width)
+        depth = _uniform_int(g, *self.depth)
+        seq_len = _log_uniform_int(g, *self.seq_len)
+        batch_size = _log_uniform_int(g, *self.batch_size)
+        if model == "lstm":
+            return CharLSTMTask(
+                embed_dim=max(1, width // 2),
+                hidden_size=width,
+                seq_len=seq_len,
+                batch_size=batch_size,
+            )
+        return CharTransformerTask(
+            d_model=width - width % 2,
+            n_heads=2,
+            n_layers=depth,
+            seq_len=seq_len,
+            batch_size=batch_size,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class MixtureFamily(TaskFamily):
     """Draw a member family (with probabilities ``weights``, default uniform), then a task from
     it with the same seed. Augmentations and horizons are the members' own."""
@@ -342,7 +393,7 @@ class MixtureFamily(TaskFamily):
 # registry
 
 _FAMILIES: Registry[type[TaskFamily]] = Registry("task family", "task families")
-for _cls in (MLPFamily, ConvNetFamily, QuadraticFamily, MixtureFamily):
+for _cls in (MLPFamily, ConvNetFamily, CharLMFamily, QuadraticFamily, MixtureFamily):
     _FAMILIES.register(_cls.name, _cls)
 
 
