@@ -296,6 +296,7 @@ def test_warm_start_from_another_lopt_or_a_bad_file_is_refused_before_any_work(t
         ("ortho_adamw_vectors", "ortho_adamw_vectors"),
         ("ortho_long", "ortho_long"),
         ("ortho_long_p32", "ortho_long_p32"),
+        ("ortho_long_mixture", "ortho_long_mixture"),
     ],
 )
 def test_shipped_checkpoint_was_trained_by_the_experiment_config_that_claims_it(

@@ -423,13 +423,16 @@ def test_unknown_names_fail_before_any_work(tmp_path, override, key, named):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(("checkpoint", "horizon"), [("default", 316), ("mlp_2x32", 200)])
+@pytest.mark.parametrize(
+    ("checkpoint", "horizon"), [("default", 775), ("ortho_mlp", 316), ("mlp_2x32", 200)]
+)
 @pytest.mark.parametrize("alone", ["true", "false"])
 def test_the_horizon_is_the_first_checkpoints_median_meta_training_episode(
     tmp_path, checkpoint, horizon, alone
 ):
-    """ortho_mlp (the default) was meta-trained on episodes of 100 to 1,000 steps drawn
-    log-uniformly (median 316); mlp_2x32 on 200-step episodes. The same when the checkpoint
+    """ortho_long_mixture (the default) was meta-trained on episodes of 200 to 3,000 steps
+    drawn log-uniformly (median 775), ortho_mlp on 100 to 1,000 (median 316); mlp_2x32 on
+    200-step episodes. The same when the checkpoint
     is evaluated only under the guard."""
     cfg = compose_eval_config(
         f"checkpoints=[{checkpoint}]",

@@ -445,7 +445,7 @@ def test_shipped_checkpoint_beats_tuned_adam_on_held_out_seeds_of_its_family(tmp
 @pytest.mark.parametrize("cls", [LearnedOptimizer, GuardedLearnedOptimizer])
 def test_shipped_default_checkpoint_trains_an_ordinary_module(cls):
     model, x, y = _model_and_data()
-    opt = cls(model.parameters())  # checkpoint="default", an alias of ortho_mlp
+    opt = cls(model.parameters())  # checkpoint="default", an alias of ortho_long_mixture
     losses = _train(model, opt, x, y, 20)
     assert losses[-1] < 0.9 * losses[0]
     assert opt.state_dict()["l2o"]["checkpoint"].startswith("ortho_mlp-")

@@ -14,6 +14,7 @@ from l2o.eval.metrics import steps_to_reach
 SHIPPED = [
     ("ortho_long", "ortho_mlp-4584d02732b3", 130),
     ("ortho_long_p32", "ortho_mlp-e36010a19997", 129),
+    ("ortho_long_mixture", "ortho_mlp-494685a8a383", 118),
 ]
 
 

@@ -70,9 +70,10 @@ MAX_META_ELEMENTS = 1 << 30
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 #: Shipped names that stand for another shipped checkpoint. ``default`` is the checkpoint
 #: ``LearnedOptimizer``, ``GuardedLearnedOptimizer`` and ``l2o-eval`` use when none is named:
-#: ``ortho_mlp`` since 2026-12-02 (it beat the previous default, now shipped as ``mlp_2x32``,
-#: on ``l2o-eval suite=all``: EVALUATION.md). An alias always wins over a file of its name.
-SHIPPED_ALIASES: dict[str, str] = {"default": "ortho_mlp"}
+#: ``ortho_long_mixture`` since 2026-12-07, ``ortho_mlp`` from 2026-12-02 (each beat the one
+#: before it, still shipped under its name, on ``l2o-eval suite=all``: EVALUATION.md). An alias
+#: always wins over a file of its name.
+SHIPPED_ALIASES: dict[str, str] = {"default": "ortho_long_mixture"}
 
 
 class CheckpointError(ValueError):

@@ -226,8 +226,9 @@ class LearnedOptimizer(CheckpointedOptimizer):
 
     Args:
         params: parameters or param-group dicts.
-        checkpoint: a shipped checkpoint name (``"default"``, an alias of ``"ortho_mlp"``;
-            ``"mlp_2x32"`` the default before 2026-12-02) or a checkpoint path.
+        checkpoint: a shipped checkpoint name (``"default"``, an alias of
+            ``"ortho_long_mixture"``; ``"ortho_mlp"`` the default from 2026-12-02 to 2026-12-07,
+            ``"mlp_2x32"`` before) or a checkpoint path.
         lr: multiplier on the learned step (what LR schedulers scale).
         total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
             schedule (see the module docstring); ignored by the others.
