@@ -427,12 +427,15 @@ def test_an_alias_resolves_to_its_target_even_beside_a_file_of_its_name(tmp_path
     assert ckpt.shipped_names_of("lstm-000000000000") == ()
 
 
-def test_the_default_is_ortho_mlp_and_the_previous_default_is_shipped_as_mlp_2x32():
+def test_the_default_is_ortho_long_mixture_and_the_previous_defaults_are_shipped_by_name():
     assert {"default", "mlp_2x32", "ortho_mlp", "ortho_long_mixture"} <= set(shipped_checkpoints())
     assert resolve_checkpoint("default") == ckpt.SHIPPED_DIR / "ortho_long_mixture"
     _, _, card = load_checkpoint(resolve_checkpoint("mlp_2x32"))
     assert card["id"] == "mlp-6676045c48f7"  # the old default's identity, unchanged
     assert ckpt.shipped_names_of(card["id"]) == ("mlp_2x32",)
+    _, _, card = load_checkpoint(resolve_checkpoint("ortho_mlp"))
+    assert card["id"] == "ortho_mlp-b40a2ff24547"  # the default until 2026-12-07, unchanged
+    assert ckpt.shipped_names_of(card["id"]) == ("ortho_mlp",)
 
 
 def test_shipped_checkpoint_folder_is_next_to_the_package():

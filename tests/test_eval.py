@@ -432,8 +432,7 @@ def test_the_horizon_is_the_first_checkpoints_median_meta_training_episode(
 ):
     """ortho_long_mixture (the default) was meta-trained on episodes of 200 to 3,000 steps
     drawn log-uniformly (median 775), ortho_mlp on 100 to 1,000 (median 316); mlp_2x32 on
-    200-step episodes. The same when the checkpoint
-    is evaluated only under the guard."""
+    200-step episodes. The same when the checkpoint is evaluated only under the guard."""
     cfg = compose_eval_config(
         f"checkpoints=[{checkpoint}]",
         f"guard.unguarded={alone}",
