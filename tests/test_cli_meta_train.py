@@ -71,9 +71,10 @@ def test_the_long_mixture_recipe_draws_five_fixed_structures_with_a_sequence_mod
     instead of once per draw."""
     cfg = _cfg(tmp_path, "experiment=ortho_long_mixture")
     family = build(cfg, "cpu")["estimator"].family
-    configs = {repr(sorted(family.sample(seed).config().items())) for seed in range(60)}
+    tasks = [family.sample(seed) for seed in range(60)]
+    configs = {repr(sorted(task.config().items())) for task in tasks}
     assert len(configs) == 5
-    names = sorted(family.sample(seed).name for seed in range(60))
+    names = [task.name for task in tasks]
     assert set(names) == {"mlp", "cnn", "char_transformer"}
     assert names.count("mlp") > names.count("cnn")  # the core MNIST-1D MLP has weight 2
     assert cfg.estimator.compile and cfg.estimator.truncation == 100

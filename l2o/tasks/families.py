@@ -306,14 +306,15 @@ class CharLMFamily(SampledFamily):
     an even number, 2 heads and ``depth`` blocks), ``width``, ``seq_len`` and ``batch_size``
     log-uniformly, ``depth`` uniformly."""
 
-    models: Any = ("lstm", "transformer")
+    MODELS: ClassVar[tuple[str, ...]] = ("lstm", "transformer")
+
+    models: Any = MODELS
     width: Any = (16, 48)
     depth: Any = (1, 2)
     seq_len: Any = (16, 32)
     batch_size: Any = (8, 32)
 
     name: ClassVar[str] = "char_lm"
-    MODELS: ClassVar[tuple[str, ...]] = ("lstm", "transformer")
 
     def _validate(self, family: str) -> None:
         self._set("models", _as_choices(family, "models", self.models, self.MODELS))
