@@ -45,6 +45,15 @@ step's own evaluation (the guarded run is the shadow then: no comparison, no sec
 evaluation). ``guard_stats`` counts the restores and the steps
 that followed the shadow (those count as neither side's).
 
+A smoothed comparison lags: a run restored a few steps before its end still ends with the
+losses of the steps before the restore in any average of its last steps (measured: 1.086x the
+fallback alone over a 10-step window on one seed, EVALUATION.md). So when the run's length is
+known (``total_steps``), the guard *commits* before the end: ``shadow_finish + 1`` steps before
+the last one it compares the two runs' averages without a margin and ends on the better one,
+following the shadow for the rest of the run where the shadow is ahead (or where it is
+already being followed). The last ``shadow_finish`` losses are then all measured on the run it
+ended on.
+
 Non-finite state is never kept: when a side's new state holds a NaN or inf (a gradient with an
 inf entry, an overflow), that side's state restarts from ``init`` and ``state_resets`` counts it,
 so one bad gradient cannot disable the guard for the rest of training.
@@ -85,7 +94,7 @@ from l2o.optim.base import (
     loss_at_call,
     lr_at,
 )
-from l2o.validation import boolean
+from l2o.validation import boolean, positive_int
 
 #: How many recent choices ``accept_rate`` averages over.
 ACCEPT_WINDOW = 100
@@ -194,6 +203,10 @@ class GuardRule(UpdateRule):
         shadow_decay: the decay of the two runs' loss averages (0.9: about 10 steps).
         shadow_hold: steps the guarded run follows the shadow after its first restore (doubled
             after each further one).
+        total_steps: the run's length in steps, if known: the guard then commits to the
+            better of the guarded run and the shadow ``shadow_finish + 1`` steps before the
+            last step (``shadow=True``; see the module docstring).
+        shadow_finish: how many of the run's last steps come after that commitment.
     """
 
     learned: UpdateRule
@@ -205,6 +218,8 @@ class GuardRule(UpdateRule):
     shadow_margin: float = 0.01
     shadow_decay: float = 0.9
     shadow_hold: int = 10
+    total_steps: int | None = None
+    shadow_finish: int = 10
 
     needs_loss_fn: ClassVar[bool] = True
 
@@ -227,6 +242,16 @@ class GuardRule(UpdateRule):
             raise ValueError(f"shadow_decay must be in [0, 1), got {self.shadow_decay!r}")
         if not isinstance(self.shadow_hold, int) or self.shadow_hold < 1:
             raise ValueError(f"shadow_hold must be an integer >= 1, got {self.shadow_hold!r}")
+        if self.total_steps is not None and not (
+            isinstance(self.total_steps, int)
+            and not isinstance(self.total_steps, bool)
+            and self.total_steps >= 1
+        ):
+            raise ValueError(
+                f"total_steps must be an integer >= 1 or None, got {self.total_steps!r}"
+            )
+        if not isinstance(self.shadow_finish, int) or self.shadow_finish < 0:
+            raise ValueError(f"shadow_finish must be an integer >= 0, got {self.shadow_finish!r}")
 
     def parameter_slots(self) -> frozenset[str] | None:
         parts = {
@@ -369,7 +394,8 @@ class GuardRule(UpdateRule):
         shadow_average = self._averaged(state["shadow_loss_average"], shadow_loss, shadow_ok)
         # A shadow whose own loss is not finite (the fallback alone diverged) is no reference.
         gap = guarded_average - shadow_average
-        behind = shadow_ok & (~guarded_ok | (gap > self.shadow_margin * shadow_average.abs()))
+        margin = torch.where(self._commits(step, gap), 0.0, self.shadow_margin)
+        behind = shadow_ok & (~guarded_ok | (gap > margin * shadow_average.abs()))
         holding = state["shadow_hold"] > 0
         restore = behind & ~holding
         follow = restore | (holding & shadow_ok)
@@ -377,6 +403,7 @@ class GuardRule(UpdateRule):
         # a learned optimizer that keeps falling behind costs a vanishing share of the steps.
         hold = self.shadow_hold * 2 ** torch.clamp(state["shadow_restores"], max=MAX_DOUBLINGS)
         remaining = torch.where(restore, hold, torch.clamp(state["shadow_hold"] - 1, min=0))
+        remaining = torch.where(follow, self._held_to_the_end(step, remaining), remaining)
 
         updates = {k: torch.where(follow, shadow[k] - p, updates[k]) for k, p in params.items()}
         # A followed step took neither candidate: the choice counters stay as they were.
@@ -432,7 +459,7 @@ class GuardRule(UpdateRule):
             "shadow_fallback": shadow_fallback,
             "guarded_loss_average": average,
             "shadow_loss_average": average,
-            "shadow_hold": state["shadow_hold"] - 1,
+            "shadow_hold": self._held_to_the_end(step, state["shadow_hold"] - 1),
             "shadow_steps": state["shadow_steps"] + 1,
             "state_resets": state["state_resets"] + learned_reset + fallback_reset,
         }
@@ -455,6 +482,26 @@ class GuardRule(UpdateRule):
         )
         fallback_state, reset = _finite_or_fresh(fallback_state, lambda: self.fallback.init(params))
         return updates, _all_finite(updates), fallback_state, reset
+
+    def _commits(self, step: Step, like: Tensor) -> Tensor:
+        """Whether ``step`` is the one that commits to the better run (``total_steps`` known):
+        the comparison then has no margin, and a run that follows the shadow keeps it."""
+        if self.total_steps is None:
+            return torch.zeros((), dtype=torch.bool, device=like.device)
+        commit_step = self.total_steps - self.shadow_finish - 1
+        if isinstance(step, Tensor):  # under vmap: per member
+            return (step == commit_step).reshape(())
+        return torch.tensor(step == commit_step, device=like.device)
+
+    def _held_to_the_end(self, step: Step, remaining: Tensor) -> Tensor:
+        """``remaining`` hold steps, extended to the run's end at the committing step."""
+        if self.total_steps is None:
+            return remaining
+        to_the_end = self.total_steps - 1 - step
+        if not isinstance(to_the_end, Tensor):
+            to_the_end = torch.tensor(to_the_end, device=remaining.device)
+        extended = torch.maximum(remaining, to_the_end.reshape(()).to(remaining.dtype))
+        return torch.where(self._commits(step, remaining), extended, remaining)
 
     def _averaged(self, average: Tensor, loss: Tensor, finite: Tensor) -> Tensor:
         """The moving average with ``loss`` folded in (unchanged by a non-finite loss). Both runs'
@@ -687,10 +734,13 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         shadow: keep a fallback-alone shadow run and restore to it when behind (see above).
         shadow_margin: the relative excess of the smoothed loss over the shadow's that
             triggers a restore.
-        total_steps: optimizer steps of the run, for a checkpoint meta-trained with an update
-            schedule (:class:`~l2o.learned.optimizer.LearnedOptimizer`); the learned
-            candidate and the fallback's ``lr`` (and so the shadow run) are annealed over them
-            alike, so that the guard compares like with like during the cool-down.
+        total_steps: optimizer steps of the run, if known. For a checkpoint meta-trained with
+            an update schedule (:class:`~l2o.learned.optimizer.LearnedOptimizer`), the
+            learned candidate and the fallback's ``lr`` (and so the shadow run) are annealed
+            over them alike, so that the guard compares like with like during the cool-down.
+            With ``shadow=True`` the guard also commits to the better of the guarded run and
+            the shadow 11 steps before the end (see :mod:`l2o.guard`), so that the run does not
+            end just after a restore.
         update_schedule: anneal so instead of as the checkpoint's card says (e.g. ``"wsd"``).
         ns_dtype: the learned candidate's Newton–Schulz dtype instead of the card's (e.g.
             ``"bfloat16"``; :class:`~l2o.learned.optimizer.LearnedOptimizer`).
@@ -717,6 +767,8 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
         self.learned = CheckpointedRules(
             checkpoint, total_steps, update_schedule, ns_dtype, compile
         )
+        # (a constant checkpoint's rules ignore the run's length; the shadow guard uses it)
+        run_length = None if total_steps is None else positive_int("total_steps", total_steps)
         fallback_kwargs = dict(fallback_kwargs or {})
         self.fallback = self.learned.annealed_fallback(registry.get(fallback, **fallback_kwargs))
         if self.fallback.needs_loss_fn:
@@ -743,6 +795,7 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
                 deferred=deferred,
                 shadow=shadow,
                 shadow_margin=shadow_margin,
+                total_steps=run_length,
             )
 
         super().__init__(

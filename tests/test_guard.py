@@ -855,6 +855,80 @@ def test_shadow_guard_vmaps_over_a_population_like_a_loop(deferred):
     torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("step_type", [int, torch.tensor])
+def test_shadow_guard_that_knows_the_runs_length_ends_on_the_better_run(step_type):
+    # No margin restore can fire (margin 1e6), so without the run's length the greedy rule's
+    # run ends far above SGD alone; with it, the guard commits 11 steps before the end and
+    # every one of the last 10 losses is the fallback alone's own loss, the parameters its own.
+    batch, full, x0 = noisy_centre()
+    sgd = get("sgd", lr=0.05)
+    steps, finish = 200, 10
+    alone, _, alone_losses = run_on_batches(sgd, batch, x0, steps)
+    lazy = GuardRule(BatchMinimumRule(), sgd, shadow=True, shadow_margin=1e6)
+    unaware, _, _ = run_on_batches(lazy, batch, x0, steps, step_type)
+    assert full(unaware) > 2 * full(alone)
+    aware = dataclasses.replace(lazy, total_steps=steps, shadow_finish=finish)
+    final, state, losses = run_on_batches(aware, batch, x0, steps, step_type)
+    losses = [float(v) for v in losses]
+    assert guard_stats(state)["shadow_restores"] == 1
+    assert guard_stats(state)["shadow_steps"] == finish + 1  # the committing step, then the end
+    torch.testing.assert_close(final["x"], alone["x"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses[-finish:], alone_losses[-finish:], rtol=1e-12, atol=0)
+    assert losses[-finish - 1] != pytest.approx(alone_losses[-finish - 1])  # not before
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_shadow_guard_that_knows_the_runs_length_keeps_a_run_that_is_ahead(deferred):
+    loss, params, _, lipschitz = quadratic(3)
+    learned, fallback = get("sgd", lr=1.0 / lipschitz), get("sgd", lr=0.01 / lipschitz)
+
+    def batch(_):
+        return loss
+
+    plain, _, _ = run_on_batches(GuardRule(learned, fallback, deferred=deferred), batch, params, 50)
+    aware = GuardRule(learned, fallback, deferred=deferred, shadow=True, total_steps=50)
+    shadowed, state, _ = run_on_batches(aware, batch, params, 50)
+    assert guard_stats(state)["shadow_restores"] == 0
+    torch.testing.assert_close(shadowed["x"], plain["x"], rtol=0, atol=0)
+
+
+def test_a_shadow_hold_ending_in_the_last_steps_is_kept_to_the_end():
+    # The greedy rule is restored again and again. Find where a hold of the run that does not
+    # know its length ends (its last followed step), and end the run 5 steps later: without
+    # the commitment the last 5 steps would be the greedy rule's again.
+    batch, _, x0 = noisy_centre()
+    adam = get("adam", lr=0.05)
+    unaware = GuardRule(BatchMinimumRule(), adam, shadow=True)
+    holds, state, params = [], unaware.init(x0), x0
+    for k in range(150):
+        grads = torch.func.grad(batch(k))(params)
+        updates, state = unaware.update(grads, state, params, step=k, loss_fn=batch(k))
+        params = apply_updates(params, updates)
+        holds.append(int(state["shadow_hold"]))
+    hold_ends = [k for k in range(60, 150) if holds[k - 1] == 1 and holds[k] == 0]
+    steps = hold_ends[0] + 6
+    aware = dataclasses.replace(unaware, total_steps=steps)
+    alone, _, alone_losses = run_on_batches(adam, batch, x0, steps)
+    eager, eager_state, eager_losses = run_on_batches(aware, batch, x0, steps)
+    batched, batched_state, _ = run_on_batches(aware, batch, x0, steps, torch.tensor)
+    torch.testing.assert_close(eager["x"], batched["x"], rtol=1e-10, atol=1e-12)
+    assert guard_stats(eager_state) == guard_stats(batched_state)
+    torch.testing.assert_close(eager["x"], alone["x"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(eager_losses[-10:], alone_losses[-10:], rtol=1e-10, atol=0)
+    # Where the run does not know its length, it leaves the shadow in its last steps.
+    _, _, unaware_losses = run_on_batches(unaware, batch, x0, steps)
+    assert unaware_losses[-4:] != pytest.approx(alone_losses[-4:], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("total_steps", 0), ("total_steps", 2.5), ("total_steps", True), ("shadow_finish", -1)],
+)
+def test_shadow_guard_refuses_a_bad_run_length(field, value):
+    with pytest.raises(ValueError, match=field):
+        GuardRule(ScaledSignRule(), get("sgd", lr=0.1), shadow=True, **{field: value})
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("shadow", 1), ("shadow_margin", -0.1), ("shadow_decay", 1.0), ("shadow_hold", 0)],
@@ -864,8 +938,11 @@ def test_shadow_guard_refuses_bad_settings(field, value):
         GuardRule(ScaledSignRule(), get("sgd", lr=0.1), **{field: value})
 
 
+@pytest.mark.parametrize("total_steps", [None, 80])
 @pytest.mark.parametrize("deferred", [False, True])
-def test_shadow_dropin_guard_rescues_a_diverging_learned_optimizer(checkpoint, deferred):
+def test_shadow_dropin_guard_rescues_a_diverging_learned_optimizer(
+    checkpoint, deferred, total_steps
+):
     def run(make):
         model, x, y = _model_and_data()
         opt = make(model)
@@ -875,12 +952,20 @@ def test_shadow_dropin_guard_rescues_a_diverging_learned_optimizer(checkpoint, d
         return opt, float(nn.functional.cross_entropy(model(x), y).detach())
 
     _, adam_final = run(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
-    _, guarded_final = run(
+    opt, guarded_final = run(
         lambda m: GuardedLearnedOptimizer(
-            m.parameters(), checkpoint=checkpoint, lr=3e4, shadow=True, deferred=deferred
+            m.parameters(),
+            checkpoint=checkpoint,
+            lr=3e4,
+            shadow=True,
+            deferred=deferred,
+            total_steps=total_steps,
         )
     )
     assert guarded_final <= adam_final * 1.02
+    if total_steps is not None:  # committed to the shadow before the end: Adam alone's model
+        assert opt.rule.total_steps == total_steps
+        assert guarded_final == pytest.approx(adam_final, rel=1e-5)
 
 
 def test_shadow_dropin_guard_calls_the_closure_once_more_per_step(checkpoint):

@@ -173,6 +173,7 @@ class GuardedContender(Contender):
             compare_every=self.compare_every,
             shadow=self.shadow,
             deferred=self.deferred,
+            total_steps=horizon,  # the shadow guard commits to the better run before the end
         )
 
     def spec(self) -> dict[str, Any]:
@@ -184,6 +185,9 @@ class GuardedContender(Contender):
         }
         if self.shadow:  # (cells of plain guards keep their key)
             spec["shadow"] = True
+            # Since 2026-12-07 the shadow guard commits to the better run before the end: a
+            # different trajectory from the earlier cells', so a different key.
+            spec["shadow_finish"] = GuardRule.shadow_finish
         if self.deferred:
             spec["deferred"] = True
         return spec
