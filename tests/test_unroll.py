@@ -288,6 +288,40 @@ def test_compiled_truncations_with_held_out_losses_equal_the_eager_unroll(eval_m
     )
 
 
+def test_compiled_truncations_hold_one_graph_per_structure_up_to_a_stated_limit(monkeypatch):
+    """Past Dynamo's global recompile limit (here 1) as many structures as the module allows
+    (here 2) compile; one more is refused with a message that says what to change."""
+    import l2o.meta.unroll as unroll_module
+
+    monkeypatch.setattr(unroll_module, "MAX_COMPILED_STRUCTURES", 2)
+    torch._dynamo.reset()  # other tests' graphs would count against the limit
+    lopt = MomentumLOpt(decay=0.3)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+            for dim in (2, 3):  # two structures: past the global limit, within the module's
+                stacked, carry = _per_member_setup(lopt, Quadratic(dim=dim, noise=0.2))
+                unroll(
+                    lopt.rule,
+                    Quadratic(dim=dim, noise=0.2),
+                    carry,
+                    2,
+                    compile=True,
+                    population_meta_params=stacked,
+                )
+            stacked, carry = _per_member_setup(lopt, Quadratic(dim=4, noise=0.2))
+            with pytest.raises(ValueError, match=r"estimator\.compile=false"):
+                unroll(
+                    lopt.rule,
+                    Quadratic(dim=4, noise=0.2),
+                    carry,
+                    2,
+                    compile=True,
+                    population_meta_params=stacked,
+                )
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compiled_inner_steps_of_the_mlp_learned_optimizer_equal_the_eager_unroll():
     from l2o.learned import MLPLOpt

@@ -231,6 +231,12 @@ _compiled_forward_truncation = {
 }
 
 
+#: Graphs the compiled truncation may hold, one per task structure and rule factory: above
+#: Dynamo's default limit of 8, which a task mixture with augmentation exceeds (5 members, each
+#: plain or reparametrised, are 10 structures), and where a run past it fails (``fullgraph``).
+MAX_COMPILED_STRUCTURES = 64
+
+
 def _compiled_truncation(
     factory, task: Task, carry: Carry, batches: list[Batch], scales, meta
 ) -> tuple[Params, State, Tensor, Tensor]:
@@ -247,7 +253,16 @@ def _compiled_truncation(
     )
     device = "cpu" if carry["step"].device.type == "cpu" else "other"
     compiled = _compiled_forward_truncation[device]
-    return compiled(factory, task, params, state, step, stacked, scales, meta)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_STRUCTURES):
+            return compiled(factory, task, params, state, step, stacked, scales, meta)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+        raise ValueError(
+            f"compile=True (estimator.compile) compiles one graph per task structure, and this "
+            f"run's tasks needed more than {MAX_COMPILED_STRUCTURES} (the last: "
+            f"{type(task).__name__}); meta-train over a mixture of fixed structures "
+            "(configs/experiment/ortho_long_mixture.yaml) or set estimator.compile=false"
+        ) from err
 
 
 def unroll(
