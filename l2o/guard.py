@@ -45,14 +45,13 @@ step's own evaluation (the guarded run is the shadow then: no comparison, no sec
 evaluation). ``guard_stats`` counts the restores and the steps
 that followed the shadow (those count as neither side's).
 
-A smoothed comparison lags: a run restored a few steps before its end still ends with the
-losses of the steps before the restore in any average of its last steps (measured: 1.086x the
-fallback alone over a 10-step window on one seed, EVALUATION.md). So when the run's length is
-known (``total_steps``), the guard *commits* before the end: ``shadow_finish + 1`` steps before
-the last one it compares the two runs' averages without a margin and ends on the better one,
-following the shadow for the rest of the run where the shadow is ahead (or where it is
-already being followed). The last ``shadow_finish`` losses are then all measured on the run it
-ended on.
+A restore, or the end of a hold, among a run's last steps leaves any average of those steps
+partly on the other run, and a run less than ``shadow_margin`` behind is never restored. So when
+the run's length is known (``total_steps``), the guard *commits* before the end:
+``shadow_finish + 1`` steps before the last one it compares the two runs' averages without a
+margin and ends on the better one, following the shadow for the rest of the run where the
+shadow is ahead (or where it is already being followed). A guarded run kept there can still be
+restored later, as on any step, if it falls more than the margin behind.
 
 Non-finite state is never kept: when a side's new state holds a NaN or inf (a gradient with an
 inf entry, an overflow), that side's state restarts from ``init`` and ``state_resets`` counts it,
@@ -739,8 +738,7 @@ class GuardedLearnedOptimizer(CheckpointedOptimizer):
             learned candidate and the fallback's ``lr`` (and so the shadow run) are annealed
             over them alike, so that the guard compares like with like during the cool-down.
             With ``shadow=True`` the guard also commits to the better of the guarded run and
-            the shadow 11 steps before the end (see :mod:`l2o.guard`), so that the run does not
-            end just after a restore.
+            the shadow 11 steps before the end, without a margin (see :mod:`l2o.guard`).
         update_schedule: anneal so instead of as the checkpoint's card says (e.g. ``"wsd"``).
         ns_dtype: the learned candidate's Newton–Schulz dtype instead of the card's (e.g.
             ``"bfloat16"``; :class:`~l2o.learned.optimizer.LearnedOptimizer`).
