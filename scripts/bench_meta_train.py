@@ -11,6 +11,8 @@ port implements its architecture), populations P. Paths:
 * ``forward, compiled per step``: the compiled path before the scan, one compiled graph per
   inner step called from a Python loop (for the ratio between the two);
 * ``tbptt``: the eager unroll with autograd to the meta-parameters, forward and backward;
+* ``tbptt, compiled``: the same with ``compile=True`` (each inner step a compiled graph with its
+  compiled backward; ``estimator.compile=true`` with ``estimator=tbptt``);
 * ``loop``: the same arithmetic one instance at a time in a Python loop (``--loop``), the naive
   way to train a population (its rate does not depend on P; timed on at most 8 instances).
 
@@ -38,7 +40,7 @@ from torch.func import grad_and_value
 from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
 from l2o.meta.losses import get_meta_loss
 from l2o.meta.unroll import (
-    _compiled_forward_inner_step,
+    _compiled_inner_step,
     init_carry,
     population_batch,
     unroll,
@@ -84,7 +86,7 @@ class Setup:
 
     def forward_per_step(self) -> None:
         """The compiled forward path as it was before the scan: one compiled graph per inner
-        step, called from a Python loop (``_compiled_forward_inner_step``, the path
+        step, called from a Python loop (``_compiled_inner_step``, the path
         ``unroll(compile=True, eval_mode="each")`` still takes), for the side-by-side ratio."""
         seeds = self.seeds.tolist()
         params, state, step = self.carry["params"], self.carry["opt_state"], self.carry["step"]
@@ -92,15 +94,15 @@ class Setup:
         with torch.no_grad():
             for k in range(self.steps):
                 batch = population_batch(self.task, seeds, [s + k for s in first], "train")
-                params, state, _ = _compiled_forward_inner_step(
+                params, state, _ = _compiled_inner_step(
                     self.lopt.rule, self.task, params, state, step, batch, self.stacked
                 )
                 step = step + 1
 
-    def tbptt(self) -> None:
+    def tbptt(self, compile: bool) -> None:
         meta = {k: v.detach().requires_grad_() for k, v in self.meta.items()}
         rule = self.lopt.rule(meta)
-        result = unroll(rule, self.task, self.carry, self.steps)
+        result = unroll(rule, self.task, self.carry, self.steps, compile=compile)
         loss = get_meta_loss("train_mean")(result.terms).mean()
         torch.autograd.grad(loss, list(meta.values()))
 
@@ -203,7 +205,8 @@ def main() -> None:
                 "forward": (lambda s=setup: s.forward(compile=False), n),
                 "forward, compiled": (lambda s=setup: s.forward(compile=True), n),
                 "forward, compiled per step": (setup.forward_per_step, n),
-                "tbptt": (setup.tbptt, n),
+                "tbptt": (lambda s=setup: s.tbptt(compile=False), n),
+                "tbptt, compiled": (lambda s=setup: s.tbptt(compile=True), n),
             }
             if args.loop:
                 paths["loop"] = (setup.loop, min(8, population) * args.steps)
@@ -224,7 +227,8 @@ def main() -> None:
                     f"\nP={population}: l2o / JAX, forward eager {base / jax_forward:.2f}x, "
                     f"forward compiled {rates['forward, compiled'][0] / jax_forward:.2f}x "
                     f"(per step {rates['forward, compiled per step'][0] / jax_forward:.2f}x), "
-                    f"tbptt {rates['tbptt'][0] / jax_tbptt:.2f}x\n",
+                    f"tbptt {rates['tbptt'][0] / jax_tbptt:.2f}x "
+                    f"(compiled {rates['tbptt, compiled'][0] / jax_tbptt:.2f}x)\n",
                     flush=True,
                 )
 

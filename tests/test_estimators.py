@@ -424,6 +424,26 @@ def test_compiled_pes_gives_the_eager_estimates():
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_tbptt_gives_the_eager_estimates():
+    """``compile=True`` with TBPTT (each inner step a compiled graph with its backward) over
+    episodes of 5 steps in truncations of 2, across an episode boundary: the eager estimates."""
+    lopt = MomentumLOpt()
+    runs = []
+    for compile in (False, True):
+        est = TruncatedBPTT(
+            lopt, Quadratic(noise=0.2), population=3, truncation=2, horizon=5, compile=compile
+        )
+        runs.append([r.grads for r in _estimates(est, _meta(lopt), _gen(7), 4)])
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-7)
+
+
+def test_tbptt_refuses_compile_with_checkpointing():
+    with pytest.raises(ValueError, match=r"estimator\.compile=false"):
+        TruncatedBPTT(MomentumLOpt(), Quadratic(), checkpoint=True, compile=True)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        TruncatedBPTT(MomentumLOpt(), Quadratic(), compile="yes")
+
+
 def test_metrics_report_the_truncation():
     lopt = MomentumLOpt()
     result = get_estimator("es", lopt=lopt, task=Quadratic(), population=4, truncation=3, horizon=9)

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 from _meta_fixtures import MomentumLOpt, MomentumRule, Quadratic
+from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_map_only
 
 from l2o.meta.losses import META_LOSSES, MetaLossTerms, get_meta_loss
-from l2o.meta.unroll import count_nonfinite, init_carry, unroll
+from l2o.meta.unroll import count_nonfinite, detach_carry, init_carry, unroll
 from l2o.optim.base import apply_updates
 from l2o.optim.schedules import Cosine, run_annealing
 
@@ -331,11 +332,64 @@ def test_compiled_inner_steps_of_the_mlp_learned_optimizer_equal_the_eager_unrol
     _assert_compiled_unroll_matches_eager(MLPLOpt(), task, 5, 1e-5)
 
 
-def test_compile_is_refused_outside_the_forward_per_member_path():
+def test_compile_is_refused_with_checkpointing_and_for_per_member_rules_under_autograd():
     lopt, task = MomentumLOpt(decay=0.3), Quadratic()
     stacked, carry = _per_member_setup(lopt, task)
     rule = _rule()
-    with pytest.raises(ValueError, match="forward"):
-        unroll(rule, task, init_carry(rule, task, torch.tensor([1])), 1, compile=True)
-    with pytest.raises(ValueError, match="forward"):  # under autograd (TBPTT)
+    shared_carry = init_carry(rule, task, torch.tensor([1]))
+    with pytest.raises(ValueError, match="checkpointing"):
+        unroll(rule, task, shared_carry, 1, compile=True, checkpoint=True)
+    with pytest.raises(ValueError, match="no_grad"):  # ES/PES members under autograd
         unroll(lopt.rule, task, carry, 1, population_meta_params=stacked, compile=True)
+
+
+# -- compiled inner steps under autograd (TBPTT) -------------------------------------------------
+
+
+def _tbptt(lopt, task, meta, carry, steps, compile, **kw):
+    """Losses, meta-gradients and the (detached) carry of one TBPTT truncation."""
+    meta = {k: v.detach().requires_grad_() for k, v in meta.items()}
+    result = unroll(lopt.rule(meta), task, carry, steps, compile=compile, **kw)
+    objective = get_meta_loss("log")(result.terms).mean()
+    grads = torch.autograd.grad(objective, list(meta.values()))
+    return result.losses.detach(), grads, detach_carry(result.carry)
+
+
+def _assert_compiled_tbptt_matches_eager(lopt, task, steps, rtol, **kw):
+    g = torch.Generator().manual_seed(0)
+    meta = lopt.init_meta(g)
+    carry = init_carry(lopt.rule(meta), task, torch.arange(3, dtype=torch.int64))
+    eager = _tbptt(lopt, task, meta, carry, steps, False, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _tbptt(lopt, task, meta, carry, steps, True, **kw)
+    # One graph for every step: the first steps' carry, which does not depend on the
+    # meta-parameters yet, is not a reason to compile again.
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(compiled, eager, rtol=rtol, atol=1e-7)
+    # The next truncation, at other meta-parameters (a new rule object) and from a carry that
+    # has left its initial layout, runs the same graph.
+    moved = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in meta.items()}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = _tbptt(lopt, task, moved, compiled[2], steps, True, **kw)
+    reference = _tbptt(lopt, task, moved, eager[2], steps, False, **kw)
+    torch.testing.assert_close(again, reference, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"update_schedule": Cosine(lr=1.0, total_steps=9), "eval_mode": "each"}]
+)
+def test_compiled_tbptt_steps_give_the_eager_losses_and_meta_gradients(kw):
+    """Each step a compiled graph with its compiled backward: the same inner losses,
+    meta-gradients and carry as the eager oracle, over two truncations with one graph."""
+    lopt, task = MomentumLOpt(decay=0.3), Quadratic(noise=0.2)
+    _assert_compiled_tbptt_matches_eager(lopt, task, 3, 1e-5, **kw)
+
+
+@pytest.mark.slow
+def test_compiled_tbptt_steps_of_the_mlp_learned_optimizer_give_the_eager_meta_gradients():
+    from l2o.learned import MLPLOpt
+    from l2o.tasks.registry import get_task
+
+    task = get_task("mlp", dataset="digits", width=16, depth=2, batch_size=16)
+    _assert_compiled_tbptt_matches_eager(MLPLOpt(), task, 4, 1e-4)

@@ -164,6 +164,10 @@ class TruncatedEstimator(GradientEstimator):
         truncation_weighting: how much each truncation's estimate counts by where it lies in
             its episode (:func:`truncation_weight`): ``uniform``, or ``linear`` / ``quadratic``
             to weigh the episode's end more.
+        compile: compile the inner steps (``l2o.meta.unroll``): ES and PES run every
+            truncation as one ``torch.compile``d graph, a scan over its inner steps; TBPTT
+            compiles each inner step with its backward. The first truncation of each task
+            structure pays the compilation (tens of seconds to minutes on a CPU).
     """
 
     name: ClassVar[str] = "truncated"
@@ -184,7 +188,9 @@ class TruncatedEstimator(GradientEstimator):
         min_horizon: int | None = None,
         update_schedule: str = "constant",
         truncation_weighting: str = "uniform",
+        compile: bool = False,
     ) -> None:
+        self.compile = boolean("compile", compile)
         self.population = positive_int("population", population)
         self.truncation = positive_int("truncation", truncation)
         self.horizon = positive_int("horizon", horizon)
@@ -410,7 +416,12 @@ class TruncatedBPTT(TruncatedEstimator):
 
     def __init__(self, lopt: LOpt, task: Task | TaskFamily, *, checkpoint: bool = False, **kwargs):
         super().__init__(lopt, task, **kwargs)
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = boolean("checkpoint", checkpoint)
+        if self.checkpoint and self.compile:
+            raise ValueError(
+                "checkpoint and compile cannot both be set: a compiled step keeps its "
+                "activations (set estimator.compile=false to checkpoint them)"
+            )
 
     def _truncation(self, meta_params, state, task, num_steps, generator):
         meta = {k: v.detach().requires_grad_(True) for k, v in meta_params.items()}
@@ -422,6 +433,7 @@ class TruncatedBPTT(TruncatedEstimator):
                 num_steps,
                 eval_mode=self.meta_loss.eval_mode,
                 checkpoint=self.checkpoint,
+                compile=self.compile,
                 update_schedule=self._annealing(state),
             )
             meta_losses = self.meta_loss(result.terms)
@@ -446,9 +458,6 @@ class ES(TruncatedEstimator):
 
     Args (besides :class:`TruncatedEstimator`'s):
         sigma: standard deviation of the meta-parameter perturbations.
-        compile: run every truncation as one ``torch.compile``d graph, a scan over its inner
-            steps (``l2o.meta.unroll``); the first truncation then pays the compilation (tens
-            of seconds on a CPU).
     """
 
     name: ClassVar[str] = "es"
@@ -460,11 +469,9 @@ class ES(TruncatedEstimator):
         task: Task | TaskFamily,
         *,
         sigma: float = 0.01,
-        compile: bool = False,
         **kwargs,
     ):
         super().__init__(lopt, task, **kwargs)
-        self.compile = boolean("compile", compile)
         self.sigma = float(sigma)
         check_hyperparameter("sigma", self.sigma, low=0.0, low_inclusive=False)
 

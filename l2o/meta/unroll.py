@@ -26,18 +26,19 @@ Either one rule is shared by the whole population, or (ES, PES) each member has 
 meta-parameters: pass ``rule`` as a function ``meta_params -> UpdateRule`` (``lopt.rule``) and
 ``population_meta_params`` stacked along dim 0.
 
-``compile=True`` runs the forward (ES, PES) path compiled: the vmapped gradient, the vmapped
-rule update and the parameter update fused by Inductor, instead of hundreds of small eager ops
-whose Python and dispatch overhead dominates for small inner networks. The whole truncation is
-one graph, a ``scan`` over its ``K`` steps (``torch._higher_order_ops.scan``, the counterpart
-of JAX's ``lax.scan``): the step's body is compiled once and looped inside the graph, the
-minibatches gathered up front; on the CPU the graph's wrapper is C++, so no Python runs between
-inner steps (on CUDA Inductor's Python wrapper drives the loop). Its length is a
-dynamic dimension, so an episode's shorter last truncation reuses the graph. With
-``eval_mode="each"`` (a held-out evaluation after every step, outside the graph) each step is a
-compiled graph of its own instead. The eager path is the oracle both are tested against. Under
-autograd (TBPTT) compiling the step gave no speed-up here (BENCHMARKS.md), so it is not offered
-there.
+``compile=True`` runs the inner steps compiled: the vmapped gradient, the vmapped rule update
+and the parameter update fused by Inductor, instead of hundreds of small eager ops whose Python
+and dispatch overhead dominates for small inner networks. On the forward (ES, PES) path the
+whole truncation is one graph, a ``scan`` over its ``K`` steps
+(``torch._higher_order_ops.scan``, the counterpart of JAX's ``lax.scan``): the step's body is
+compiled once and looped inside the graph, the minibatches gathered up front; on the CPU the
+graph's wrapper is C++, so no Python runs between inner steps (on CUDA Inductor's Python
+wrapper drives the loop). Its length is a dynamic dimension, so an episode's shorter last
+truncation reuses the graph. With ``eval_mode="each"`` (a held-out evaluation after every
+step, outside the graph) each step is a compiled graph of its own instead. Under autograd
+(TBPTT, a shared rule) each step is a compiled graph too, whose backward AOTAutograd compiles
+as well: the scan under autograd, the inner gradient differentiated again, did not finish
+compiling (BENCHMARKS.md). The eager path is the oracle all of them are tested against.
 """
 
 from __future__ import annotations
@@ -164,11 +165,16 @@ def _population_grads_by_autograd(task: Task, params: Params, batch: Batch):
     return grads, losses
 
 
-def _per_member_update(factory, task: Task, meta, grads, state, params, step, batch, loss):
-    """Every member's update by its own rule ``factory(meta_i)`` (ES, PES)."""
-    return vmap(
-        lambda m, *args: _member_update(factory(m), task, *args), randomness=RULE_RANDOMNESS
-    )(meta, grads, state, params, step, batch, loss)
+def _member_updates(rule: RuleOrFactory, task: Task, meta, grads, state, params, step, batch, loss):
+    """Every member's update: by the shared ``rule`` (``meta`` None), or (ES, PES) by its own
+    rule ``rule(meta_i)`` built from its meta-parameters."""
+    if meta is None:
+        return vmap(lambda *args: _member_update(rule, task, *args), randomness=RULE_RANDOMNESS)(
+            grads, state, params, step, batch, loss
+        )
+    return vmap(lambda m, *args: _member_update(rule(m), task, *args), randomness=RULE_RANDOMNESS)(
+        meta, grads, state, params, step, batch, loss
+    )
 
 
 def scaled_updates(updates: Params, scale: Tensor | None) -> Params:
@@ -179,17 +185,16 @@ def scaled_updates(updates: Params, scale: Tensor | None) -> Params:
     return {k: u * scale.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1))) for k, u in updates.items()}
 
 
-def _forward_inner_step(factory, task: Task, params, state, step, batch, meta, scale=None):
-    """One inner step of every member with its own meta-parameters (the ES/PES path)."""
+def _inner_step(rule: RuleOrFactory, task: Task, params, state, step, batch, meta, scale=None):
+    """One inner step of every member (see :func:`_member_updates` for ``rule`` and ``meta``)."""
     grads, loss = vmap(grad_and_value(task.loss))(params, batch)
-    updates, state = _per_member_update(
-        factory, task, meta, grads, state, params, step, batch, loss
-    )
+    updates, state = _member_updates(rule, task, meta, grads, state, params, step, batch, loss)
     return apply_updates(params, scaled_updates(updates, scale)), state, loss
 
 
-#: Compiled lazily, on first use; Dynamo keeps one graph per task structure and rule factory.
-_compiled_forward_inner_step = torch.compile(_forward_inner_step, dynamic=False)
+#: Compiled lazily, on first use; Dynamo keeps one graph per task structure and rule (a shared
+#: rule's meta-parameters are graph inputs, so a rule rebuilt at new meta-parameters reuses it).
+_compiled_inner_step = torch.compile(_inner_step, dynamic=False)
 
 
 def _scanned_forward_truncation(factory, task: Task, params, state, step, batches, scales, meta):
@@ -200,9 +205,7 @@ def _scanned_forward_truncation(factory, task: Task, params, state, step, batche
     def body(carry, xs):
         params, state, step = carry
         batch, scale = xs if scales is not None else (xs, None)
-        params, state, loss = _forward_inner_step(
-            factory, task, params, state, step, batch, meta, scale
-        )
+        params, state, loss = _inner_step(factory, task, params, state, step, batch, meta, scale)
         # scan asks for a carry that aliases none of its inputs and keeps their layout.
         fresh = tree_map_only(Tensor, _fresh_contiguous, (params, state, step + 1))
         return fresh, loss.clone()
@@ -214,6 +217,12 @@ def _scanned_forward_truncation(factory, task: Task, params, state, step, batche
 
 def _fresh_contiguous(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _requiring_grad(t: Tensor) -> Tensor:
+    if t.requires_grad or not (t.is_floating_point() or t.is_complex()):
+        return t
+    return t.detach().requires_grad_()
 
 
 #: One graph per task structure and rule factory, whatever the truncation's length. On the CPU
@@ -238,24 +247,30 @@ MAX_COMPILED_STRUCTURES = 64
 
 
 def _compiled_truncation(
-    factory, task: Task, carry: Carry, batches: list[Batch], scales, meta
+    factory, task: Task, params, state, step, batches: list[Batch], scales, meta
 ) -> tuple[Params, State, Tensor, Tensor]:
-    """:func:`_compiled_forward_truncation` on the carry and the steps' minibatches, stacked
-    along a new leading dim that is marked dynamic (one graph for every length)."""
+    """:func:`_compiled_forward_truncation` on the carry (``params, state, step``, laid out as
+    the body returns them) and the steps' minibatches, stacked along a new leading dim that is
+    marked dynamic (one graph for every length)."""
     stacked = tuple(torch.stack(parts) for parts in zip(*batches))
     for x in (*stacked, scales):
         if x is not None:  # no schedule: no scales
             torch._dynamo.maybe_mark_dynamic(x, 0)
-    # scan's carry keeps its inputs' layout: hand it the layout the body returns (an initial
-    # carry can hold expanded tensors, and an empty one any strides).
-    params, state, step = tree_map_only(
-        Tensor, _fresh_contiguous, (carry["params"], carry["opt_state"], carry["step"])
+    compiled = _compiled_forward_truncation["cpu" if step.device.type == "cpu" else "other"]
+    return _within_compile_limit(
+        compiled, task, factory, task, params, state, step, stacked, scales, meta
     )
-    device = "cpu" if carry["step"].device.type == "cpu" else "other"
-    compiled = _compiled_forward_truncation[device]
+
+
+def _within_compile_limit(compiled: Callable, task: Task, *args):
+    """``compiled(*args)`` allowed up to :data:`MAX_COMPILED_STRUCTURES` graphs, past which a
+    ``ValueError`` says what to do (the scan's ``fullgraph`` fails there; a per-step graph
+    would silently fall back to the slow eager path)."""
     try:
-        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_STRUCTURES):
-            return compiled(factory, task, params, state, step, stacked, scales, meta)
+        with torch._dynamo.config.patch(
+            recompile_limit=MAX_COMPILED_STRUCTURES, fail_on_recompile_limit_hit=True
+        ):
+            return compiled(*args)
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise ValueError(
             f"compile=True (estimator.compile) compiles one graph per task structure, and this "
@@ -291,9 +306,11 @@ def unroll(
             (``torch.utils.checkpoint``, non-reentrant) so BPTT memory does not grow with the
             inner network's activations times K. Not for rules that call ``torch.func``
             themselves (``needs_loss_fn`` rules that differentiate ``loss_fn``).
-        compile: run the truncation as one compiled scan (each step as a compiled graph with
-            ``eval_mode="each"``; see the module docstring); only with
-            ``population_meta_params`` and without autograd (the ES/PES path).
+        compile: compile the inner steps (see the module docstring): with
+            ``population_meta_params`` (ES/PES, under ``torch.no_grad`` only) the truncation
+            as one compiled scan, or each step as a compiled graph with ``eval_mode="each"``;
+            with a shared rule (TBPTT, under autograd or not) each step as a compiled graph.
+            Not with ``checkpoint``.
         update_schedule: a factor of each member's step index (``[P]`` int64 in, ``[P]``
             out; e.g. :func:`l2o.optim.schedules.run_annealing` over the episode's length)
             that multiplies its updates; the rule's state is not affected. None: no factor.
@@ -309,35 +326,38 @@ def unroll(
     per_member = population_meta_params is not None
     if not per_member and not isinstance(rule, UpdateRule):
         raise TypeError("rule must be an UpdateRule (or a factory with population_meta_params)")
-    if compile and (not per_member or torch.is_grad_enabled() or checkpoint):
+    if compile and (checkpoint or (per_member and torch.is_grad_enabled())):
         raise ValueError(
-            "compile=True is for the forward (ES/PES) path: per-member meta-parameters, "
-            "under torch.no_grad, without activation checkpointing"
-        )
-
-    def update(grads, state, params, step, batch, meta, loss):
-        if per_member:
-            return _per_member_update(rule, task, meta, grads, state, params, step, batch, loss)
-        return vmap(lambda *args: _member_update(rule, task, *args), randomness=RULE_RANDOMNESS)(
-            grads, state, params, step, batch, loss
+            "compile=True runs without activation checkpointing, and with per-member "
+            "meta-parameters (ES/PES) only under torch.no_grad"
         )
 
     def inner_step(params, state, step, batch, meta):
         # The factor is computed outside the compiled graph: a schedule's length is a Python
         # number, and a graph specialised on it would recompile for every episode length.
         scale = None if update_schedule is None else update_schedule(step)
+        args = (rule, task, params, state, step, batch, meta, scale)
         if compile:
-            return _compiled_forward_inner_step(rule, task, params, state, step, batch, meta, scale)
-        if checkpoint:
-            grads, loss = _population_grads_by_autograd(task, params, batch)
-        else:
-            grads, loss = vmap(grad_and_value(task.loss))(params, batch)
-        updates, state = update(grads, state, params, step, batch, meta, loss)
+            return _within_compile_limit(_compiled_inner_step, task, *args)
+        if not checkpoint:
+            return _inner_step(*args)
+        grads, loss = _population_grads_by_autograd(task, params, batch)
+        updates, state = _member_updates(rule, task, meta, grads, state, params, step, batch, loss)
         return apply_updates(params, scaled_updates(updates, scale)), state, loss
 
     seeds = [int(s) for s in carry["seeds"].tolist()]
     first = [int(s) for s in carry["step"].tolist()]  # one device sync per truncation
     params, state, step = carry["params"], carry["opt_state"], carry["step"]
+    if compile:
+        # The layout every step returns, from the first step on: an initial carry can hold
+        # expanded tensors (and an empty one any strides), which a per-step graph would be
+        # recompiled for and the scan's carry would keep.
+        params, state, step = tree_map_only(Tensor, _fresh_contiguous, (params, state, step))
+        if torch.is_grad_enabled():
+            # The first steps' carry does not depend on the meta-parameters yet, the later
+            # steps' does: as leaves that require grad (whose own gradients nobody asks for),
+            # every step has the same guards, one graph instead of three.
+            params, state = tree_map_only(Tensor, _requiring_grad, (params, state))
 
     def member_steps(offset: int) -> list[int]:
         return [s + offset for s in first]
@@ -359,14 +379,14 @@ def unroll(
         new_carry = dict(carry, params=params, opt_state=state, step=step)
         return Unroll(new_carry, torch.stack(losses), terms)
 
-    if compile and eval_mode != "each":
+    if compile and per_member and eval_mode != "each":
         steps = range(num_steps)
         batches = [population_batch(task, seeds, member_steps(k), "train") for k in steps]
         scales = None
         if update_schedule is not None:
             scales = torch.stack([update_schedule(step + k) for k in steps])
         params, state, step, losses = _compiled_truncation(
-            rule, task, carry, batches, scales, population_meta_params
+            rule, task, params, state, step, batches, scales, population_meta_params
         )
         return finish(params, state, step, list(losses), [])
 
