@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from _meta_fixtures import MomentumLOpt, Quadratic, QuadraticFamily
+from torch._dynamo.utils import counters
 
 from l2o.meta.base import GradientEstimator
 from l2o.meta.estimators import (
@@ -433,7 +434,10 @@ def test_compiled_tbptt_gives_the_eager_estimates():
         est = TruncatedBPTT(
             lopt, Quadratic(noise=0.2), population=3, truncation=2, horizon=5, compile=compile
         )
+        torch._dynamo.reset()
+        counters.clear()
         runs.append([r.grads for r in _estimates(est, _meta(lopt), _gen(7), 4)])
+        assert counters["stats"]["unique_graphs"] == int(compile)  # compiled only when asked
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-7)
 
 

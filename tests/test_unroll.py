@@ -289,36 +289,43 @@ def test_compiled_truncations_with_held_out_losses_equal_the_eager_unroll(eval_m
     )
 
 
-def test_compiled_truncations_hold_one_graph_per_structure_up_to_a_stated_limit(monkeypatch):
+def _compiled_unroll_on(dim: int, path: str):
+    """A 2-step compiled unroll on a ``dim``-dimensional quadratic: the ES/PES scan, the
+    ES/PES per-step graphs (``eval_mode="each"``) or TBPTT's per-step graphs."""
+    lopt, task = MomentumLOpt(decay=0.3), Quadratic(dim=dim, noise=0.2)
+    if path == "tbptt":
+        meta = {k: v.requires_grad_() for k, v in lopt.init_meta(torch.Generator()).items()}
+        carry = init_carry(lopt.rule(meta), task, torch.arange(2))
+        return unroll(lopt.rule(meta), task, carry, 2, compile=True)
+    stacked, carry = _per_member_setup(lopt, task)
+    eval_mode = "each" if path == "per step" else "none"
+    with torch.no_grad():
+        return unroll(
+            lopt.rule,
+            task,
+            carry,
+            2,
+            compile=True,
+            population_meta_params=stacked,
+            eval_mode=eval_mode,
+        )
+
+
+@pytest.mark.parametrize("path", ["scan", "per step", "tbptt"])
+def test_compiled_unrolls_hold_one_graph_per_structure_up_to_a_stated_limit(monkeypatch, path):
     """Past Dynamo's global recompile limit (here 1) as many structures as the module allows
-    (here 2) compile; one more is refused with a message that says what to change."""
+    (here 2) compile; one more is refused with a message that says what to change (rather
+    than a failure, or a silent fall-back to the eager path)."""
     import l2o.meta.unroll as unroll_module
 
     monkeypatch.setattr(unroll_module, "MAX_COMPILED_STRUCTURES", 2)
     torch._dynamo.reset()  # other tests' graphs would count against the limit
-    lopt = MomentumLOpt(decay=0.3)
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        with torch._dynamo.config.patch(recompile_limit=1):
             for dim in (2, 3):  # two structures: past the global limit, within the module's
-                stacked, carry = _per_member_setup(lopt, Quadratic(dim=dim, noise=0.2))
-                unroll(
-                    lopt.rule,
-                    Quadratic(dim=dim, noise=0.2),
-                    carry,
-                    2,
-                    compile=True,
-                    population_meta_params=stacked,
-                )
-            stacked, carry = _per_member_setup(lopt, Quadratic(dim=4, noise=0.2))
+                _compiled_unroll_on(dim, path)
             with pytest.raises(ValueError, match=r"estimator\.compile=false"):
-                unroll(
-                    lopt.rule,
-                    Quadratic(dim=4, noise=0.2),
-                    carry,
-                    2,
-                    compile=True,
-                    population_meta_params=stacked,
-                )
+                _compiled_unroll_on(4, path)
     finally:
         torch._dynamo.reset()
 
@@ -337,10 +344,27 @@ def test_compile_is_refused_with_checkpointing_and_for_per_member_rules_under_au
     stacked, carry = _per_member_setup(lopt, task)
     rule = _rule()
     shared_carry = init_carry(rule, task, torch.tensor([1]))
-    with pytest.raises(ValueError, match="checkpointing"):
+    with pytest.raises(ValueError, match="not with checkpoint=True"):
         unroll(rule, task, shared_carry, 1, compile=True, checkpoint=True)
-    with pytest.raises(ValueError, match="no_grad"):  # ES/PES members under autograd
+    with pytest.raises(ValueError, match=r"\(ES/PES\) runs under torch.no_grad"):
         unroll(lopt.rule, task, carry, 1, population_meta_params=stacked, compile=True)
+
+
+def test_a_compiled_shared_rule_without_meta_gradient_records_no_graph():
+    """A shared rule compiled where no meta-gradient is taken (under ``no_grad``, or a rule
+    whose tensors do not require grad in grad mode): the eager results, nothing that requires
+    grad, as the eager unroll."""
+    lopt, task = MomentumLOpt(decay=0.3), Quadratic(noise=0.2)
+    rule = lopt.rule(lopt.init_meta(torch.Generator()))
+    carry = init_carry(rule, task, torch.arange(2))
+    eager = unroll(rule, task, carry, 3)
+    for context in (torch.no_grad(), torch.enable_grad()):
+        with context:
+            compiled = unroll(rule, task, carry, 3, compile=True)
+        assert not compiled.losses.requires_grad
+        assert not any(t.requires_grad for t in compiled.carry["params"].values())
+        torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(compiled.carry, eager.carry, rtol=1e-6, atol=1e-7)
 
 
 # -- compiled inner steps under autograd (TBPTT) -------------------------------------------------
@@ -351,7 +375,8 @@ def _tbptt(lopt, task, meta, carry, steps, compile, **kw):
     meta = {k: v.detach().requires_grad_() for k, v in meta.items()}
     result = unroll(lopt.rule(meta), task, carry, steps, compile=compile, **kw)
     objective = get_meta_loss("log")(result.terms).mean()
-    grads = torch.autograd.grad(objective, list(meta.values()))
+    found = torch.autograd.grad(objective, list(meta.values()), allow_unused=True)
+    grads = [torch.zeros_like(v) if g is None else g for v, g in zip(meta.values(), found)]
     return result.losses.detach(), grads, detach_carry(result.carry)
 
 
@@ -393,3 +418,15 @@ def test_compiled_tbptt_steps_of_the_mlp_learned_optimizer_give_the_eager_meta_g
 
     task = get_task("mlp", dataset="digits", width=16, depth=2, batch_size=16)
     _assert_compiled_tbptt_matches_eager(MLPLOpt(), task, 4, 1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_tbptt_steps_of_the_ortho_mlp_learned_optimizer_give_the_eager_meta_gradients():
+    """The shipped architecture: Newton–Schulz and the AdamW vector rule inside the compiled
+    step and its backward."""
+    from l2o.learned import get_lopt
+    from l2o.tasks.registry import get_task
+
+    lopt = get_lopt("ortho_mlp", vector_rule="adamw", vector_hparams={"lr": 1e-2})
+    task = get_task("mlp", dataset="digits", width=16, depth=2, batch_size=16)
+    _assert_compiled_tbptt_matches_eager(lopt, task, 4, 1e-4)

@@ -43,6 +43,7 @@ compiling (BENCHMARKS.md). The eager path is the oracle all of them are tested a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypedDict
 
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops.scan import scan
 from torch.func import grad_and_value, vmap
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from l2o.meta.losses import EVAL_MODES, MetaLossTerms
@@ -219,6 +220,19 @@ def _fresh_contiguous(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _wants_meta_gradient(rule: RuleOrFactory) -> bool:
+    """Whether autograd records the unroll for a meta-gradient: grad mode on, and a shared rule
+    holding a tensor that requires grad (TBPTT's meta-parameters) in its fields."""
+    if not torch.is_grad_enabled() or not isinstance(rule, UpdateRule):
+        return False
+    fields = (
+        vars(rule).values()
+        if not dataclasses.is_dataclass(rule)
+        else (getattr(rule, f.name) for f in dataclasses.fields(rule))
+    )
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(list(fields)))
+
+
 def _requiring_grad(t: Tensor) -> Tensor:
     if t.requires_grad or not (t.is_floating_point() or t.is_complex()):
         return t
@@ -273,10 +287,11 @@ def _within_compile_limit(compiled: Callable, task: Task, *args):
             return compiled(*args)
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise ValueError(
-            f"compile=True (estimator.compile) compiles one graph per task structure, and this "
-            f"run's tasks needed more than {MAX_COMPILED_STRUCTURES} (the last: "
-            f"{type(task).__name__}); meta-train over a mixture of fixed structures "
-            "(configs/experiment/ortho_long_mixture.yaml) or set estimator.compile=false"
+            f"compile=True (estimator.compile) compiles one graph per task structure (and "
+            f"per carry layout), and this run needed more than {MAX_COMPILED_STRUCTURES} (the "
+            f"last task: {type(task).__name__}); meta-train over a mixture of a few fixed "
+            "structures (as configs/experiment/ortho_long_mixture.yaml does) or set "
+            "estimator.compile=false"
         ) from err
 
 
@@ -326,10 +341,11 @@ def unroll(
     per_member = population_meta_params is not None
     if not per_member and not isinstance(rule, UpdateRule):
         raise TypeError("rule must be an UpdateRule (or a factory with population_meta_params)")
-    if compile and (checkpoint or (per_member and torch.is_grad_enabled())):
+    if compile and checkpoint:
+        raise ValueError("compile=True keeps each step's activations: not with checkpoint=True")
+    if compile and per_member and torch.is_grad_enabled():
         raise ValueError(
-            "compile=True runs without activation checkpointing, and with per-member "
-            "meta-parameters (ES/PES) only under torch.no_grad"
+            "compile=True with per-member meta-parameters (ES/PES) runs under torch.no_grad"
         )
 
     def inner_step(params, state, step, batch, meta):
@@ -353,10 +369,11 @@ def unroll(
         # expanded tensors (and an empty one any strides), which a per-step graph would be
         # recompiled for and the scan's carry would keep.
         params, state, step = tree_map_only(Tensor, _fresh_contiguous, (params, state, step))
-        if torch.is_grad_enabled():
+        if _wants_meta_gradient(rule):
             # The first steps' carry does not depend on the meta-parameters yet, the later
             # steps' does: as leaves that require grad (whose own gradients nobody asks for),
-            # every step has the same guards, one graph instead of three.
+            # every step has the same guards, one graph instead of three. Only where a
+            # meta-gradient is taken anyway: elsewhere it would keep every step's activations.
             params, state = tree_map_only(Tensor, _requiring_grad, (params, state))
 
     def member_steps(offset: int) -> list[int]:
