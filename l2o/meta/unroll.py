@@ -225,12 +225,8 @@ def _wants_meta_gradient(rule: RuleOrFactory) -> bool:
     holding a tensor that requires grad (TBPTT's meta-parameters) in its fields."""
     if not torch.is_grad_enabled() or not isinstance(rule, UpdateRule):
         return False
-    fields = (
-        vars(rule).values()
-        if not dataclasses.is_dataclass(rule)
-        else (getattr(rule, f.name) for f in dataclasses.fields(rule))
-    )
-    return any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(list(fields)))
+    fields = [getattr(rule, f.name) for f in dataclasses.fields(rule)]  # UpdateRule: a dataclass
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(fields))
 
 
 def _requiring_grad(t: Tensor) -> Tensor:
