@@ -11,7 +11,10 @@ from torch.utils._pytree import tree_map_only
 from l2o.meta.losses import META_LOSSES, MetaLossTerms, get_meta_loss
 from l2o.meta.unroll import count_nonfinite, detach_carry, init_carry, unroll
 from l2o.optim.base import apply_updates
+from l2o.optim.muon import Muon
+from l2o.optim.rules import SGD
 from l2o.optim.schedules import Cosine, run_annealing
+from l2o.optim.wrappers import SAM
 
 
 def _rule(lr=0.1, beta=0.6, decay=0.5):
@@ -409,6 +412,34 @@ def test_compiled_tbptt_steps_give_the_eager_losses_and_meta_gradients(kw):
     meta-gradients and carry as the eager oracle, over two truncations with one graph."""
     lopt, task = MomentumLOpt(decay=0.3), Quadratic(noise=0.2)
     _assert_compiled_tbptt_matches_eager(lopt, task, 3, 1e-5, **kw)
+
+
+class _LearningRateLOpt:
+    """A hand-designed rule whose learning rate is the meta-parameter (a hypergradient, as
+    TBPTT over ``lr`` computes it): ``build(lr)`` is the rule."""
+
+    def __init__(self, build):
+        self.build = build
+
+    def init_meta(self, generator):
+        return {"log_lr": torch.tensor(math.log(0.1), dtype=torch.float64)}
+
+    def rule(self, meta):
+        return self.build(meta["log_lr"].exp())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        # needs_loss_fn: the step's loss closure differentiated again inside the compiled step
+        lambda lr: SAM(base=SGD(lr=lr, momentum=0.5), rho=0.1),
+        # the meta-parameter only in a nested rule's field (Muon's ``other``), not Muon's own
+        lambda lr: Muon(lr=0.02, other=SGD(lr=lr, momentum=0.5), matrix_keys=()),
+    ],
+    ids=["sam", "nested_rule"],
+)
+def test_compiled_tbptt_steps_of_hand_designed_rules_give_the_eager_hypergradients(build):
+    _assert_compiled_tbptt_matches_eager(_LearningRateLOpt(build), Quadratic(noise=0.2), 3, 1e-6)
 
 
 @pytest.mark.slow

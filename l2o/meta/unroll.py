@@ -44,7 +44,7 @@ compiling (BENCHMARKS.md). The eager path is the oracle all of them are tested a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, TypedDict
 
 import torch
@@ -222,11 +222,20 @@ def _fresh_contiguous(t: Tensor) -> Tensor:
 
 def _wants_meta_gradient(rule: RuleOrFactory) -> bool:
     """Whether autograd records the unroll for a meta-gradient: grad mode on, and a shared rule
-    holding a tensor that requires grad (TBPTT's meta-parameters) in its fields."""
+    holding a tensor that requires grad (TBPTT's meta-parameters) in its fields, or in those of
+    a rule it holds (a wrapper's ``base``, Muon's ``other``)."""
     if not torch.is_grad_enabled() or not isinstance(rule, UpdateRule):
         return False
-    fields = [getattr(rule, f.name) for f in dataclasses.fields(rule)]  # UpdateRule: a dataclass
-    return any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(fields))
+    return any(t.requires_grad for t in _rule_tensors(rule))
+
+
+def _rule_tensors(rule: UpdateRule) -> Iterator[Tensor]:
+    """The tensors in ``rule``'s fields (UpdateRule: a dataclass) and its nested rules'."""
+    for leaf in tree_leaves([getattr(rule, f.name) for f in dataclasses.fields(rule)]):
+        if isinstance(leaf, UpdateRule):  # a dataclass, not a pytree: a leaf to tree_leaves
+            yield from _rule_tensors(leaf)
+        elif isinstance(leaf, Tensor):
+            yield leaf
 
 
 def _requiring_grad(t: Tensor) -> Tensor:
