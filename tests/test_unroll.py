@@ -298,8 +298,8 @@ def _compiled_unroll_on(dim: int, path: str):
     lopt, task = MomentumLOpt(decay=0.3), Quadratic(dim=dim, noise=0.2)
     if path == "tbptt":
         meta = {k: v.requires_grad_() for k, v in lopt.init_meta(torch.Generator()).items()}
-        carry = init_carry(lopt.rule(meta), task, torch.arange(2))
-        return unroll(lopt.rule(meta), task, carry, 2, compile=True)
+        rule = lopt.rule(meta)
+        return unroll(rule, task, init_carry(rule, task, torch.arange(2)), 2, compile=True)
     stacked, carry = _per_member_setup(lopt, task)
     eval_mode = "each" if path == "per step" else "none"
     with torch.no_grad():
