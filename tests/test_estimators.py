@@ -406,8 +406,8 @@ def test_the_same_generator_seed_gives_the_same_estimates():
 
 def test_compiled_pes_gives_the_eager_estimates():
     """``compile=True`` (one compiled scan per truncation) over episodes of 5 steps in
-    truncations of 2: the last truncation of each episode is shorter, and the estimates are
-    the eager ones."""
+    truncations of 3: the last truncation of each episode is shorter and reuses the graph
+    (its length is dynamic), and the estimates are the eager ones."""
     lopt = MomentumLOpt()
     runs = []
     for compile in (False, True):
@@ -415,13 +415,16 @@ def test_compiled_pes_gives_the_eager_estimates():
             lopt,
             Quadratic(noise=0.2),
             population=4,
-            truncation=2,
+            truncation=3,
             horizon=5,
             sigma=0.1,
             compile=compile,
         )
+        torch._dynamo.reset()
+        counters.clear()
         # Four truncations: across an episode boundary.
         runs.append([r.grads for r in _estimates(est, _meta(lopt), _gen(7), 4)])
+        assert counters["stats"]["unique_graphs"] == int(compile)
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-7)
 
 

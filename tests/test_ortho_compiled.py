@@ -23,8 +23,10 @@ needs_compiler = pytest.mark.skipif(
 # 0-D, 1-D, matrices with and without a size-1 dim, tall and wide, conv 4-D, sizes that no block
 # size divides, and a tensor larger than a block.
 SHAPES = [(), (1,), (7,), (5, 3), (1, 9), (9, 1), (33, 17), (3, 8, 5, 5), (6, 5, 4), (150, 130)]
+# The options change the graph's code, not how a tensor is viewed as [rows, cols]: one shape per
+# kind of graph (a vector, a small and a large matrix) keeps their cold compilation short.
+FEW_SHAPES = [(7,), (3, 8, 5, 5), (150, 130)]
 OPTIONS = [
-    {},
     {
         "step_timescales": [10.0, 1e3],
         "hidden_sizes": [5],
@@ -64,12 +66,21 @@ def assert_compiled_trajectory_equals_reference(rule, params):
                 )
 
 
-@needs_compiler
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
-def test_compiled_step_equals_the_reference_on_tensors_of_every_shape(options):
+def _random_params(shapes) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    params = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
-    assert_compiled_trajectory_equals_reference(make_rule(**options), params)
+    return {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+
+
+@needs_compiler
+def test_compiled_step_equals_the_reference_on_tensors_of_every_shape():
+    assert_compiled_trajectory_equals_reference(make_rule(), _random_params(SHAPES))
+    assert ortho_lopt._compile_failure is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("options", OPTIONS, ids=",".join)
+def test_compiled_step_equals_the_reference_under_each_option(options):
+    assert_compiled_trajectory_equals_reference(make_rule(**options), _random_params(FEW_SHAPES))
     assert ortho_lopt._compile_failure is None
 
 
@@ -78,6 +89,26 @@ def test_compiled_step_on_non_contiguous_tensors():
     params = {"t": torch.randn(12, 10).T, "strided": torch.randn(9, 8)[::2, 1:]}
     assert not params["t"].is_contiguous() and not params["strided"].is_contiguous()
     assert_compiled_trajectory_equals_reference(make_rule(), params)
+
+
+@needs_compiler
+def test_matrices_of_any_rank_and_layout_share_one_compiled_graph():
+    """Dynamo guards an input on its strides, and a view on its base's: the tensors are handed
+    to the graph as contiguous non-views, or each rank and layout would compile its own."""
+    from torch._dynamo.utils import counters
+
+    params = {
+        "matrix": torch.randn(33, 17),
+        "three_d": torch.randn(6, 5, 4),
+        "conv": torch.randn(3, 8, 5, 5),
+        "transposed": torch.randn(12, 10).T,
+        "strided": torch.randn(9, 8)[::2, 1:],
+    }
+    rule = make_rule().replace(compiled=True)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    rule.update(params, rule.init(params), params, step=torch.tensor(0))
+    assert counters["stats"]["unique_graphs"] - before == 1
 
 
 def _training_updates(**kwargs) -> tuple[list[torch.Tensor], LearnedOptimizer]:

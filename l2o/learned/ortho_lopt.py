@@ -68,9 +68,10 @@ LR schedulers scale it. Pure, vmappable and differentiable, like every rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -517,10 +518,10 @@ class OrthoMLPRule(BlockedLearnedRule):
             # 8 per function would silently run the rest through the (slow) uncompiled form.
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 m, v, u, mean_square = compiled_coordinates(
-                    g.reshape(rows, -1),
-                    p.reshape(rows, -1) if lopt.parameter_feature else None,
-                    m_old.reshape(rows, -1, k),
-                    v_old.reshape(rows, -1),
+                    _plain(g.reshape(rows, -1)),
+                    _plain(p.reshape(rows, -1)) if lopt.parameter_feature else None,
+                    _plain(m_old.reshape(rows, -1, k)),
+                    _plain(v_old.reshape(rows, -1)),
                     constants["beta_m"],
                     constants["beta_v"],
                     [w for layer in layers for w in layer],
@@ -602,6 +603,16 @@ class OrthoMLPRule(BlockedLearnedRule):
 #: with or without the parameter input and the mask) and pattern of size-1 dims.
 RECOMPILE_LIMIT = 64
 
+
+def _plain(view: Tensor) -> Tensor:
+    """``view`` as a contiguous tensor that is not a view (a copy only where it is not
+    contiguous), so that tensors of any rank and layout share a graph of :func:`coordinates`:
+    Dynamo guards an input on its strides, and a view input on its base's sizes and strides
+    too. The view relation is kept where a gradient flows through it (``detach`` would cut it)."""
+    view = view.contiguous()
+    return view if view.requires_grad else view.detach()
+
+
 #: Why compilation failed in this process (None: it has not), after which every compiled rule
 #: runs the eager path: one failure (a missing compiler) would fail every later step alike.
 _compile_failure: str | None = None
@@ -661,6 +672,17 @@ def coordinates(
     return m, v, u, torch.mean(measured * measured)
 
 
-#: :func:`coordinates` compiled once per process (shapes symbolic, so a new tensor size does
-#: not recompile; each dtype, layout of the flags and layer count does).
-compiled_coordinates = torch.compile(coordinates, dynamic=True)
+def compiled_coordinates(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`coordinates` through :func:`torch.compile`, compiled once per process (shapes
+    symbolic, so a new tensor size does not recompile; each dtype, layout of the flags and
+    layer count does)."""
+    return _compiled_coordinates()(*args, **kwargs)
+
+
+@functools.cache
+def _compiled_coordinates() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+    # Made on first use: torch.compile imports Dynamo and Inductor, about 1 s of `import l2o`.
+    # Their import warns of torch's own deprecations, which are no failure of this step.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.compile(coordinates, dynamic=True)

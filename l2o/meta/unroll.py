@@ -270,7 +270,8 @@ def _compiled_truncation(
 ) -> tuple[Params, State, Tensor, Tensor]:
     """:func:`_compiled_forward_truncation` on the carry (``params, state, step``, laid out as
     the body returns them) and the steps' minibatches, stacked along a new leading dim that is
-    marked dynamic (one graph for every length)."""
+    marked dynamic (one graph for every length from 2; Dynamo specialises a size-1 dim, so a
+    truncation of one step, as an episode's last may be, compiles a second graph)."""
     stacked = tuple(torch.stack(parts) for parts in zip(*batches))
     for x in (*stacked, scales):
         if x is not None:  # no schedule: no scales
