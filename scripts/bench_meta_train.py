@@ -1,8 +1,9 @@
 """Inner task-steps per second of meta-training unrolls, every ratio measured in one run.
 
 Configuration (the performance issue's): an MLP 40-32-32-10 on MNIST-1D, batch 64, truncation
-K=20, the shipped ``mlp_2x32`` learned optimizer inside (the default until 2026-12-02; the JAX
-port implements its architecture), populations P. Paths:
+K=20, a shipped learned optimizer inside (``--checkpoint``: ``mlp_2x32``, the default until
+2026-12-02 and this script's default, so that its figures compare with the earlier ones; or
+``default``, the ``ortho_mlp`` checkpoint meta-training now runs), populations P. Paths:
 
 * ``forward``: ``l2o.meta.unroll.unroll`` as ES/PES run it (per-member meta-parameters, no
   autograd), eager;
@@ -21,10 +22,12 @@ Each path is timed ``--repeats`` times after a warm-up, interleaved, and the med
 runs the same truncation in JAX, ``jit(vmap(lax.scan))`` as learned_optimization does, on the
 same instances and minibatches (handed to JAX as arrays, as a data iterator would; the l2o side
 gathers them inside its unroll), after checking that both give the same inner losses
-(``jax_unroll.check_same_losses``).
+(``jax_unroll.check_same_losses``) and the same TBPTT meta-gradient
+(``jax_unroll.check_same_meta_gradients``).
 
     python scripts/bench_meta_train.py --threads 1
     python scripts/bench_meta_train.py --populations 1 8 64 --jax --threads 2
+    python scripts/bench_meta_train.py --checkpoint default --populations 1 8 64 --jax --threads 2
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def _sync(device: torch.device) -> None:
 class Setup:
     """The shipped learned optimizer and the task on ``device``, a population of P members."""
 
-    def __init__(self, device: torch.device, population: int, steps: int) -> None:
-        lopt, meta, _ = load_checkpoint(resolve_checkpoint("mlp_2x32"))
+    def __init__(
+        self, device: torch.device, population: int, steps: int, checkpoint: str = "mlp_2x32"
+    ) -> None:
+        lopt, meta, _ = load_checkpoint(resolve_checkpoint(checkpoint))
         self.lopt, self.device, self.steps = lopt, device, steps
         self.meta = {k: v.to(device) for k, v in meta.items()}
         self.task = get_task("mlp", dataset="mnist1d", width=32, depth=2, batch_size=64)
@@ -99,12 +104,15 @@ class Setup:
                 )
                 step = step + 1
 
-    def tbptt(self, compile: bool) -> None:
+    def tbptt(self, compile: bool) -> dict[str, torch.Tensor | None]:
+        """The meta-gradient of the truncation's ``train_mean`` (None for a meta-parameter
+        the update does not use, e.g. ``log_lr_vector`` where AdamW updates the vectors)."""
         meta = {k: v.detach().requires_grad_() for k, v in self.meta.items()}
         rule = self.lopt.rule(meta)
         result = unroll(rule, self.task, self.carry, self.steps, compile=compile)
         loss = get_meta_loss("train_mean")(result.terms).mean()
-        torch.autograd.grad(loss, list(meta.values()))
+        grads = torch.autograd.grad(loss, list(meta.values()), allow_unused=True)
+        return dict(zip(meta, grads, strict=True))
 
     def loop(self) -> None:
         rule = self.lopt.rule(self.meta)
@@ -123,10 +131,16 @@ def jax_paths(setup: Setup) -> dict[str, tuple[Callable, int]]:
     same inner losses as l2o's unroll on the same instances and data."""
     import jax
     import jax.numpy as jnp
-    from jax_unroll import JaxUnroll, check_same_losses, population_inputs, to_jax
+    from jax_unroll import (
+        check_same_losses,
+        check_same_meta_gradients,
+        population_inputs,
+        to_jax,
+        unroll_for,
+    )
 
     params_t = setup.carry["params"]
-    port = JaxUnroll(setup.lopt, list(params_t), [tuple(v.shape[1:]) for v in params_t.values()])
+    port = unroll_for(setup.lopt, list(params_t), [tuple(v.shape[1:]) for v in params_t.values()])
     params, xs, ys = population_inputs(setup.task, setup.seeds.tolist(), setup.steps)
     meta, stacked = to_jax(setup.meta), to_jax(setup.stacked)
     forward, tbptt = port.forward(), port.tbptt()
@@ -134,16 +148,18 @@ def jax_paths(setup: Setup) -> dict[str, tuple[Callable, int]]:
         expected = unroll(setup.lopt.rule(setup.meta), setup.task, setup.carry, setup.steps)
     population = len(setup.seeds)
     shared = {k: jnp.broadcast_to(v, (population, *v.shape)) for k, v in meta.items()}
-    deviation = check_same_losses(forward(shared, params, xs, ys), expected.losses)
+    deviation = check_same_losses(forward(shared, params, xs, ys)[0], expected.losses)
+    gradient_deviation = check_same_meta_gradients(tbptt(meta, params, xs, ys), setup.tbptt(False))
     print(
         f"P={population}: JAX and l2o inner losses agree over the first 5 steps (rtol 1e-4); "
-        f"largest relative difference over all {setup.steps}: {deviation:.1e}",
+        f"largest relative difference over all {setup.steps}: {deviation:.1e}; TBPTT "
+        f"meta-gradients agree (rtol 1e-2), largest relative difference {gradient_deviation:.1e}",
         flush=True,
     )
     n = population * setup.steps
     return {
         "JAX jit(vmap(scan)) forward": (
-            lambda: forward(stacked, params, xs, ys).block_until_ready(),
+            lambda: jax.block_until_ready(forward(stacked, params, xs, ys)),
             n,
         ),
         "JAX jit(grad(vmap(scan))) tbptt": (
@@ -179,6 +195,9 @@ def main() -> None:
     parser.add_argument("--populations", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--steps", type=int, default=20, help="K, inner steps per truncation")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--checkpoint", default="mlp_2x32", help="the learned optimizer inside (a shipped name)"
+    )
     parser.add_argument("--loop", action="store_true", help="also time the Python loop")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu [cuda]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -190,7 +209,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"MLP 40-32-32-10 on MNIST-1D, batch 64, K={args.steps}, learned optimizer: mlp_2x32; "
+        f"MLP 40-32-32-10 on MNIST-1D, batch 64, K={args.steps}, learned optimizer: "
+        f"{args.checkpoint}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n"
     )
     print("| device | P | path | inner steps/s | ratio to eager forward | warm-up s |")
@@ -199,7 +219,7 @@ def main() -> None:
         device = torch.device(name)
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         for population in args.populations:
-            setup = Setup(device, population, args.steps)
+            setup = Setup(device, population, args.steps, args.checkpoint)
             n = population * args.steps
             paths = {
                 "forward": (lambda s=setup: s.forward(compile=False), n),
