@@ -44,8 +44,9 @@ compiling (BENCHMARKS.md). The eager path is the oracle all of them are tested a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -193,9 +194,45 @@ def _inner_step(rule: RuleOrFactory, task: Task, params, state, step, batch, met
     return apply_updates(params, scaled_updates(updates, scale)), state, loss
 
 
-#: Compiled lazily, on first use; Dynamo keeps one graph per task structure and rule (a shared
-#: rule's meta-parameters are graph inputs, so a rule rebuilt at new meta-parameters reuses it).
-_compiled_inner_step = torch.compile(_inner_step, dynamic=False)
+def _compiled_inner_step(*args):
+    """:func:`_inner_step` compiled: Dynamo keeps one graph per task structure and rule (a
+    shared rule's meta-parameters are graph inputs, so a rule rebuilt at new meta-parameters
+    reuses it)."""
+    return _compiled_step()(*args)
+
+
+@functools.cache
+def _compiled_step() -> Callable:
+    # Made on first use: torch.compile imports Dynamo (about 1 s of every import).
+    return torch.compile(_inner_step, dynamic=False, options=_cpu_codegen_options())
+
+
+@functools.cache
+def _compiled_scan(device_type: str) -> Callable:
+    """:func:`_scanned_forward_truncation` compiled for ``device_type``. On the CPU the graph's
+    wrapper is C++ (``cpp_wrapper``): the scan's loop then runs no Python between steps,
+    1.3-1.7x faster than with Inductor's Python wrapper for the issue's MLP task
+    (BENCHMARKS.md). Not measured on CUDA, which keeps Inductor's defaults."""
+    options = {"cpp_wrapper": True, **_cpu_codegen_options()} if device_type == "cpu" else {}
+    return torch.compile(
+        _scanned_forward_truncation, fullgraph=True, dynamic=False, options=options
+    )
+
+
+@functools.cache
+def _cpu_codegen_options() -> dict[str, Any]:
+    """Inductor options for the CPU graphs: 256-bit vectors where the CPU's widest are 512-bit.
+
+    Why: the per-coordinate MLPs' hidden layers are narrow (8 units in ``ortho_mlp``), and with
+    16-lane vectors Inductor runs a dim of 8 as masked partial loads and stores (a ReLU over
+    ``[1280, 8]`` took 131 µs); with 8 lanes the same loops are whole vectors. Measured on the
+    AMD EPYC VM (AVX-512), the default ``ortho_mlp`` inside (BENCHMARKS.md): the compiled
+    forward truncation 1.15-1.4x faster at populations 8 and 64, the same at 1. A CPU whose
+    widest vectors are narrower keeps Inductor's default (naming a width it lacks would turn
+    vectorisation off). The check compiles a probe once per process."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"cpp.simdlen": 256} if pick_vec_isa().bit_width() == 512 else {}
 
 
 def _scanned_forward_truncation(factory, task: Task, params, state, step, batches, scales, meta):
@@ -244,21 +281,6 @@ def _requiring_grad(t: Tensor) -> Tensor:
     return t.detach().requires_grad_()
 
 
-#: One graph per task structure and rule factory, whatever the truncation's length. On the CPU
-#: the graph's wrapper is C++ (``cpp_wrapper``): the scan's loop then runs no Python between
-#: steps, 1.3-1.7x faster than with Inductor's Python wrapper for the issue's MLP task
-#: (BENCHMARKS.md). Not measured on CUDA, which keeps Inductor's default.
-_compiled_forward_truncation = {
-    "cpu": torch.compile(
-        _scanned_forward_truncation,
-        fullgraph=True,
-        dynamic=False,
-        options={"cpp_wrapper": True},
-    ),
-    "other": torch.compile(_scanned_forward_truncation, fullgraph=True, dynamic=False),
-}
-
-
 #: Graphs the compiled truncation may hold, one per task structure and rule factory: above
 #: Dynamo's default limit of 8, which a task mixture with augmentation exceeds (5 members, each
 #: plain or reparametrised, are 10 structures), and where a run past it fails (``fullgraph``).
@@ -268,7 +290,8 @@ MAX_COMPILED_STRUCTURES = 64
 def _compiled_truncation(
     factory, task: Task, params, state, step, batches: list[Batch], scales, meta
 ) -> tuple[Params, State, Tensor, Tensor]:
-    """:func:`_compiled_forward_truncation` on the carry (``params, state, step``, laid out as
+    """The compiled :func:`_scanned_forward_truncation` (one graph per task structure and rule
+    factory, whatever the truncation's length) on the carry (``params, state, step``, laid out as
     the body returns them) and the steps' minibatches, stacked along a new leading dim that is
     marked dynamic (one graph for every length from 2; Dynamo specialises a size-1 dim, so a
     truncation of one step, as an episode's last may be, compiles a second graph)."""
@@ -276,7 +299,7 @@ def _compiled_truncation(
     for x in (*stacked, scales):
         if x is not None:  # no schedule: no scales
             torch._dynamo.maybe_mark_dynamic(x, 0)
-    compiled = _compiled_forward_truncation["cpu" if step.device.type == "cpu" else "other"]
+    compiled = _compiled_scan(step.device.type)
     return _within_compile_limit(
         compiled, task, factory, task, params, state, step, stacked, scales, meta
     )
