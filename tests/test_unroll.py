@@ -461,3 +461,27 @@ def test_compiled_tbptt_steps_of_the_ortho_mlp_learned_optimizer_give_the_eager_
     lopt = get_lopt("ortho_mlp", vector_rule="adamw", vector_hparams={"lr": 1e-2})
     task = get_task("mlp", dataset="digits", width=16, depth=2, batch_size=16)
     _assert_compiled_tbptt_matches_eager(lopt, task, 4, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("widest", "options"), [(512, {"cpp.simdlen": 256}), (256, {}), (128, {}), (None, {})]
+)
+def test_compiled_graphs_ask_for_256_bit_vectors_only_on_512_bit_cpus(monkeypatch, widest, options):
+    """The narrow per-coordinate MLPs run as masked partial vectors at 512 bits; a width the
+    CPU lacks would turn vectorisation off, and a failed probe (None) keeps the defaults."""
+    from torch._inductor import cpu_vec_isa
+
+    from l2o.meta import unroll as unroll_module
+
+    class Isa:
+        def bit_width(self) -> int:
+            if widest is None:
+                raise RuntimeError("no C++ compiler")
+            return widest
+
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", Isa)
+    unroll_module._cpu_codegen_options.cache_clear()
+    try:
+        assert unroll_module._cpu_codegen_options() == options
+    finally:
+        unroll_module._cpu_codegen_options.cache_clear()

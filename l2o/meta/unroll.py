@@ -230,9 +230,13 @@ def _cpu_codegen_options() -> dict[str, Any]:
     forward truncation 1.15-1.4x faster at populations 8 and 64, the same at 1. A CPU whose
     widest vectors are narrower keeps Inductor's default (naming a width it lacks would turn
     vectorisation off). The check compiles a probe once per process."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return {"cpp.simdlen": 256} if pick_vec_isa().bit_width() == 512 else {}
+        widest = pick_vec_isa().bit_width()
+    except Exception:  # no C++ compiler, or an inductor without this probe: its defaults
+        return {}
+    return {"cpp.simdlen": 256} if widest == 512 else {}
 
 
 def _scanned_forward_truncation(factory, task: Task, params, state, step, batches, scales, meta):
