@@ -94,7 +94,8 @@ def test_compiled_step_on_non_contiguous_tensors():
 @needs_compiler
 def test_matrices_of_any_rank_and_layout_share_one_compiled_graph():
     """Dynamo guards an input on its strides, and a view on its base's: the tensors are handed
-    to the graph as contiguous non-views, or each rank and layout would compile its own."""
+    to the graph as contiguous non-views, or each rank and layout would compile its own, and
+    the second step (whose state tensors are views of other bases) would compile again."""
     from torch._dynamo.utils import counters
 
     params = {
@@ -107,7 +108,9 @@ def test_matrices_of_any_rank_and_layout_share_one_compiled_graph():
     rule = make_rule().replace(compiled=True)
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
-    rule.update(params, rule.init(params), params, step=torch.tensor(0))
+    state = rule.init(params)
+    for step in range(2):  # the second step's state: views of other bases than the first's
+        _, state = rule.update(params, state, params, step=torch.tensor(step))
     assert counters["stats"]["unique_graphs"] - before == 1
 
 
