@@ -33,6 +33,7 @@ from l2o.learned.features import factored_dims
 from l2o.learned.mlp_lopt import NORMALIZE_EPS, RSQRT_EPS, MLPLOpt
 from l2o.learned.ortho_lopt import RELATIVE_EPS, TINY, OrthoMLPLOpt
 from l2o.optim.muon import NS_COEFFICIENTS
+from l2o.optim.rules import AdamW
 
 
 def to_jax(tree: dict[str, torch.Tensor]) -> dict[str, jax.Array]:
@@ -226,8 +227,7 @@ class JaxOrthoMLPUnroll(JaxUnroll):
         super().__init__(layer_names, shapes)
         self.lopt = lopt
         self.beta_m = jnp.asarray(lopt.momentum_decays, dtype=jnp.float32)
-        self.adamw = dict(lr=0.001, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
-        self.adamw.update(lopt.vector_hparams)
+        self.adamw = lopt.hand_rule()  # l2o.optim.rules.AdamW, checked by unroll_for
 
     def _is_matrix(self, shape) -> bool:
         return len(shape) >= 2
@@ -285,8 +285,8 @@ class JaxOrthoMLPUnroll(JaxUnroll):
 
     def _vector_update(self, g, p, exp_avg, exp_avg_sq, step):
         """``l2o.optim.rules.AdamW`` (decoupled weight decay) with ``vector_hparams``."""
-        lr, wd, eps = self.adamw["lr"], self.adamw["weight_decay"], self.adamw["eps"]
-        beta1, beta2 = self.adamw["betas"]
+        lr, wd, eps = self.adamw.lr, self.adamw.weight_decay, self.adamw.eps
+        beta1, beta2 = self.adamw.betas
         exp_avg = exp_avg + (1 - beta1) * (g - exp_avg)
         exp_avg_sq = exp_avg_sq + (1 - beta2) * (g * g - exp_avg_sq)
         count = step + 1.0
@@ -331,6 +331,13 @@ def unroll_for(
             got = getattr(lopt, option)
             if (tuple(got) if isinstance(got, list | tuple) else got) != value:
                 raise ValueError(f"the JAX port of ortho_mlp needs {option}={value!r}, got {got!r}")
+        adamw = lopt.hand_rule()
+        plain = {"amsgrad": False, "eps_root": 0.0, "decoupled_weight_decay": True}
+        if type(adamw) is not AdamW or not isinstance(adamw.lr, float | int):
+            raise ValueError(f"the JAX port of ortho_mlp needs AdamW at a constant lr, got {adamw}")
+        for option, value in plain.items():
+            if getattr(adamw, option) != value:
+                raise ValueError(f"the JAX port of ortho_mlp's AdamW needs {option}={value!r}")
         return JaxOrthoMLPUnroll(lopt, layer_names, shapes)
     raise ValueError(f"no JAX port of the {lopt.name} learned optimizer (mlp, ortho_mlp)")
 

@@ -483,5 +483,9 @@ def test_compiled_graphs_ask_for_256_bit_vectors_only_on_512_bit_cpus(monkeypatc
     unroll_module._cpu_codegen_options.cache_clear()
     try:
         assert unroll_module._cpu_codegen_options() == options
+        unroll_module._cpu_codegen_options.cache_clear()
+        # A width the user chose is theirs: no option overrides it.
+        with torch._inductor.config.patch({"cpp.simdlen": 512}):
+            assert unroll_module._cpu_codegen_options() == {}
     finally:
         unroll_module._cpu_codegen_options.cache_clear()

@@ -77,6 +77,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from l2o.compiling import compile_quietly
 from l2o.learned.base import LOpt, check_decays, check_timescales, init_mlp
 from l2o.learned.features import ema, tanh_step_embedding
 from l2o.learned.mlp_fused import row_blocks
@@ -681,8 +682,4 @@ def compiled_coordinates(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Ten
 
 @functools.cache
 def _compiled_coordinates() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
-    # Made on first use: torch.compile imports Dynamo and Inductor, about 1 s of `import l2o`.
-    # Their import warns of torch's own deprecations, which are no failure of this step.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.compile(coordinates, dynamic=True)
+    return compile_quietly(coordinates, dynamic=True)

@@ -55,6 +55,7 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from l2o.compiling import compile_quietly
 from l2o.meta.losses import EVAL_MODES, MetaLossTerms
 from l2o.optim.base import FunctionalLoss, Params, State, UpdateRule, apply_updates
 from l2o.tasks.base import Batch, Task
@@ -203,8 +204,7 @@ def _compiled_inner_step(*args):
 
 @functools.cache
 def _compiled_step() -> Callable:
-    # Made on first use: torch.compile imports Dynamo (about 1 s of every import).
-    return torch.compile(_inner_step, dynamic=False, options=_cpu_codegen_options())
+    return compile_quietly(_inner_step, dynamic=False, options=_cpu_codegen_options())
 
 
 @functools.cache
@@ -214,7 +214,7 @@ def _compiled_scan(device_type: str) -> Callable:
     1.3-1.7x faster than with Inductor's Python wrapper for the issue's MLP task
     (BENCHMARKS.md). Not measured on CUDA, which keeps Inductor's defaults."""
     options = {"cpp_wrapper": True, **_cpu_codegen_options()} if device_type == "cpu" else {}
-    return torch.compile(
+    return compile_quietly(
         _scanned_forward_truncation, fullgraph=True, dynamic=False, options=options
     )
 
@@ -229,7 +229,10 @@ def _cpu_codegen_options() -> dict[str, Any]:
     AMD EPYC VM (AVX-512), the default ``ortho_mlp`` inside (BENCHMARKS.md): the compiled
     forward truncation 1.15-1.4x faster at populations 8 and 64, the same at 1. A CPU whose
     widest vectors are narrower keeps Inductor's default (naming a width it lacks would turn
-    vectorisation off). The check compiles a probe once per process."""
+    vectorisation off), and so does a width the user set (``torch._inductor.config.cpp.simdlen``).
+    The check compiles a probe once per process."""
+    if torch._inductor.config.cpp.simdlen is not None:
+        return {}
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
