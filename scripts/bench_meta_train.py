@@ -42,13 +42,9 @@ from torch.func import grad_and_value
 
 from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
 from l2o.meta.losses import get_meta_loss
-from l2o.meta.unroll import (
-    _compiled_inner_step,
-    init_carry,
-    population_batch,
-    unroll,
-)
+from l2o.meta.unroll import _compiled_inner_step, init_carry, unroll
 from l2o.optim.base import apply_updates
+from l2o.tasks.base import members_batch
 from l2o.tasks.registry import get_task
 
 
@@ -98,7 +94,7 @@ class Setup:
         first = self.carry["step"].tolist()
         with torch.no_grad():
             for k in range(self.steps):
-                batch = population_batch(self.task, seeds, [s + k for s in first], "train")
+                batch = members_batch(self.task, seeds, [s + k for s in first], "train")
                 params, state, _ = _compiled_inner_step(
                     self.lopt.rule, self.task, params, state, step, batch, self.stacked
                 )

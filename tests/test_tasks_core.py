@@ -25,6 +25,7 @@ from l2o.tasks import (
     task_names,
 )
 from l2o.tasks import data as task_data
+from l2o.tasks.augment import ReparamTask
 
 # One small instance of every task type (and both datasets for the networks).
 SMALL = {
@@ -97,6 +98,85 @@ def test_batch_indices_are_distinct_in_range_and_a_function_of_seed_and_step():
     assert not torch.equal(idx, task_data.batch_indices(5, 2, 64, 100, stream=1))
     with pytest.raises(ValueError, match="batch_size"):
         task_data.batch_indices(0, 0, 101, 100)
+
+
+def _fisher_yates_prefix(draws: list[int], n: int) -> list[int]:
+    """The forward Fisher–Yates shuffle of ``range(n)`` replayed swap by swap (Durstenfeld's
+    algorithm as torch's CPU ``randperm`` runs it), cut to the first ``len(draws)`` entries."""
+    perm = list(range(n))
+    for t, draw in enumerate(draws):
+        j = t + draw % (n - t)
+        perm[t], perm[j] = perm[j], perm[t]
+    return perm[: len(draws)]
+
+
+@pytest.mark.parametrize(
+    "n, batch_size, rows",
+    [(4000, 64, 40), (4000, 1, 20), (100, 100, 30), (5, 5, 64), (1437, 200, 17), (1, 1, 16)],
+)
+def test_stacked_batch_indices_equal_randperm_row_by_row(n, batch_size, rows):
+    """The vectorised draw (from ``_VECTORISED_FROM_ROWS`` rows on) gives torch.randperm's
+    prefixes bit for bit: the reference is torch itself, row by row, and a Python replay of
+    the shuffle on the same 32-bit draws."""
+    assert rows >= task_data._VECTORISED_FROM_ROWS
+    rng = random.Random(n * 1000 + batch_size)
+    seeds = [rng.randrange(-(2**62), 2**62) for _ in range(rows)]
+    steps = [rng.randrange(0, 10**6) for _ in range(rows)]
+    expected = torch.stack(
+        [task_data.batch_indices(s, t, batch_size, n, stream=3) for s, t in zip(seeds, steps)]
+    )
+    got = task_data.stacked_batch_indices(seeds, steps, batch_size, n, stream=3)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    draws = task_data._mt19937_draws(seeds, steps, batch_size, stream=3)
+    replayed = [_fisher_yates_prefix(row, n) for row in draws.tolist()]
+    assert torch.equal(got, torch.tensor(replayed))
+
+
+def test_shuffled_prefixes_follow_chains_of_earlier_swaps():
+    """Draws chosen so that swaps hit the prefix and each other, what random draws over a large
+    range rarely give, checked against the replay."""
+    n = 8
+    # [1, 1, ...]: step k swaps k and k + 1, a chain as long as the prefix.
+    cases = [[1] * 7 + [0], [2, 1, 1, 0, 0, 0, 0, 0], [7, 6, 5, 4, 3, 2, 1, 0], [3, 3, 3] + [0] * 5]
+    cases += [[random.Random(i).randrange(2**32) for _ in range(n)] for i in range(200)]
+    got = task_data._shuffled_prefixes(torch.tensor(cases), n)
+    assert got.tolist() == [_fisher_yates_prefix(row, n) for row in cases]
+
+
+def test_stacked_batch_indices_below_the_vectorised_size_and_refusals():
+    seeds, steps = [3, 4, 5], [0, 0, 7]
+    expected = torch.stack([task_data.batch_indices(s, t, 8, 50) for s, t in zip(seeds, steps)])
+    assert torch.equal(task_data.stacked_batch_indices(seeds, steps, 8, 50), expected)
+    assert task_data.stacked_batch_indices([], [], 8, 50).shape == (0, 8)
+    with pytest.raises(ValueError, match="2 seeds but 1 steps"):
+        task_data.stacked_batch_indices([1, 2], [0], 8, 50)
+    with pytest.raises(ValueError, match="batch_size"):
+        task_data.stacked_batch_indices([1], [0], 51, 50)
+
+
+def test_mix_seeds_over_arrays_equals_mix_seed():
+    rng = random.Random(0)
+    values = [(rng.randrange(-(2**63), 2**64), rng.randrange(0, 2**40)) for _ in range(500)]
+    values += [(-1, 0), (0, 0), (2**64 - 1, 1)]
+    seeds, steps = zip(*values)
+    mixed = task_data._mix_seeds(7, task_data._as_uint64(seeds), task_data._as_uint64(steps))
+    assert [int(h) for h in mixed] == [task_data.mix_seed(7, s, t) for s, t in values]
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.parametrize("key", ["quadratic", "mlp_mnist1d", "cnn_digits", "reparam_logreg"])
+def test_population_batches_stack_the_members_batches_step_by_step(key, split):
+    """A truncation's batches at once (``[K, P, ...]``) equal the per-step batches, members at
+    different steps included; 20 members x 3 steps take the vectorised draw."""
+    task = ReparamTask(make("logreg")) if key == "reparam_logreg" else make(key)
+    if key == "cnn_digits":
+        task.eval_batch_size = 16  # held-out minibatches, not the whole eval set
+    seeds = list(range(20))
+    first = [2 * s for s in seeds]
+    batches = task.population_batches(seeds, first, 3, split)
+    for k in range(3):
+        expected = [task.batch(s, f + k, split) for s, f in zip(seeds, first)]
+        assert same_batch(tuple(t[k] for t in batches), tuple(map(torch.stack, zip(*expected))))
 
 
 # --- population (vmap) == loop -----------------------------------------------------------------

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from l2o.eval.contenders import TorchContender
 from l2o.guard import GuardRule
-from l2o.meta.unroll import held_out_losses, init_carry, population_batch, unroll
+from l2o.meta.unroll import held_out_losses, init_carry, unroll
 from l2o.optim.base import FunctionalLoss, UpdateRule, apply_updates
-from l2o.tasks.base import Task
+from l2o.tasks.base import Task, members_batch
 
 __all__ = ["Run", "run_rule", "run_rule_grid", "run_torch"]
 
@@ -134,7 +134,7 @@ def _settled(rule: GuardRule, task: Task, carry: dict, seeds: list[int], step: i
     """A deferred guard's members after their last comparison, decided on each member's batch
     of ``step`` (the one after the run), as ``GuardedLearnedOptimizer.settle(closure)`` does
     before a model is evaluated: the held-out loss is then the winner's."""
-    batch = population_batch(task, seeds, [step] * len(seeds), "train")
+    batch = members_batch(task, seeds, [step] * len(seeds), "train")
 
     def settle(state, params, batch):
         updates, _ = rule.settle(state, params, FunctionalLoss(lambda p: task.loss(p, batch)))

@@ -58,7 +58,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from l2o.compiling import compile_quietly
 from l2o.meta.losses import EVAL_MODES, MetaLossTerms
 from l2o.optim.base import FunctionalLoss, Params, State, UpdateRule, apply_updates
-from l2o.tasks.base import Batch, Task
+from l2o.tasks.base import Batch, Task, members_batch
 
 
 class Carry(TypedDict):
@@ -103,14 +103,6 @@ def finite_losses(result: Unroll) -> Tensor:
 def count_nonfinite(result: Unroll) -> int:
     """Inner losses of a truncation that are NaN or infinite (including the final evaluation)."""
     return int((~finite_losses(result)).sum())
-
-
-def population_batch(task: Task, seeds: Sequence[int], steps: Sequence[int], split: str) -> Batch:
-    """Members' batches stacked along dim 0; one ``population_batch`` call when steps agree."""
-    if all(s == steps[0] for s in steps):
-        return task.population_batch(list(seeds), steps[0], split)
-    batches = [task.batch(seed, step, split) for seed, step in zip(seeds, steps)]
-    return tuple(torch.stack(parts) for parts in zip(*batches))
 
 
 def init_carry(
@@ -242,10 +234,13 @@ def _cpu_codegen_options() -> dict[str, Any]:
     return {"cpp.simdlen": 256} if widest == 512 else {}
 
 
-def _scanned_forward_truncation(factory, task: Task, params, state, step, batches, scales, meta):
+def _scanned_forward_truncation(
+    factory, task: Task, params, state, step, batches, final_batch, scales, meta
+):
     """``K`` inner steps of every member with its own meta-parameters as one ``scan``:
-    ``batches`` (and ``scales``, or None) carry the steps along dim 0. Returns the new params,
-    state, step and the ``[K, P]`` losses."""
+    ``batches`` (and ``scales``, or None) carry the steps along dim 0, ``final_batch`` is the
+    next step's, which scores the last update. Returns the new params, state, step, the
+    ``[K, P]`` losses and the ``[P]`` training losses after the last update."""
 
     def body(carry, xs):
         params, state, step = carry
@@ -257,7 +252,8 @@ def _scanned_forward_truncation(factory, task: Task, params, state, step, batche
 
     xs = batches if scales is None else (batches, scales)
     (params, state, step), losses = scan(body, (params, state, step), xs)
-    return params, state, step, losses
+    final = vmap(task.loss)(params, final_batch)
+    return params, state, step, losses, final
 
 
 def _fresh_contiguous(t: Tensor) -> Tensor:
@@ -295,20 +291,20 @@ MAX_COMPILED_STRUCTURES = 64
 
 
 def _compiled_truncation(
-    factory, task: Task, params, state, step, batches: list[Batch], scales, meta
-) -> tuple[Params, State, Tensor, Tensor]:
+    factory, task: Task, params, state, step, batches: Batch, final_batch: Batch, scales, meta
+) -> tuple[Params, State, Tensor, Tensor, Tensor]:
     """The compiled :func:`_scanned_forward_truncation` (one graph per task structure and rule
     factory, whatever the truncation's length) on the carry (``params, state, step``, laid out as
-    the body returns them) and the steps' minibatches, stacked along a new leading dim that is
-    marked dynamic (one graph for every length from 2; Dynamo specialises a size-1 dim, so a
-    truncation of one step, as an episode's last may be, compiles a second graph)."""
-    stacked = tuple(torch.stack(parts) for parts in zip(*batches))
-    for x in (*stacked, scales):
+    the body returns them) and the minibatches, stacked along a leading dim that is marked
+    dynamic (one graph for every length from 2; Dynamo specialises a size-1 dim, so with an
+    update schedule a truncation of one step, as an episode's last may be, compiles a second
+    graph)."""
+    for x in (*batches, scales):
         if x is not None:  # no schedule: no scales
             torch._dynamo.maybe_mark_dynamic(x, 0)
     compiled = _compiled_scan(step.device.type)
     return _within_compile_limit(
-        compiled, task, factory, task, params, state, step, stacked, scales, meta
+        compiled, task, factory, task, params, state, step, batches, final_batch, scales, meta
     )
 
 
@@ -418,10 +414,10 @@ def unroll(
     def held_out(params: Params, offset: int) -> Tensor:
         return held_out_losses(task, params, seeds, member_steps(offset))
 
-    def finish(params, state, step, losses: list[Tensor], evals: list[Tensor]) -> Unroll:
-        # The last update's score: the training loss on the next step's batch.
-        final_batch = population_batch(task, seeds, member_steps(num_steps), "train")
-        final = vmap(task.loss)(params, final_batch)
+    def finish(params, state, step, losses: list[Tensor], evals: list[Tensor], final=None):
+        if final is None:  # the last update's score: the training loss on the next step's batch
+            final_batch = members_batch(task, seeds, member_steps(num_steps), "train")
+            final = vmap(task.loss)(params, final_batch)
         if eval_mode == "final":
             evals.append(held_out(params, num_steps))
         terms = MetaLossTerms(
@@ -433,19 +429,19 @@ def unroll(
         return Unroll(new_carry, torch.stack(losses), terms)
 
     if compile and per_member and eval_mode != "each":
-        steps = range(num_steps)
-        batches = [population_batch(task, seeds, member_steps(k), "train") for k in steps]
+        batches = task.population_batches(seeds, first, num_steps, "train")
+        final_batch = members_batch(task, seeds, member_steps(num_steps), "train")
         scales = None
         if update_schedule is not None:
-            scales = torch.stack([update_schedule(step + k) for k in steps])
-        params, state, step, losses = _compiled_truncation(
-            rule, task, params, state, step, batches, scales, population_meta_params
+            scales = torch.stack([update_schedule(step + k) for k in range(num_steps)])
+        params, state, step, losses, final = _compiled_truncation(
+            rule, task, params, state, step, batches, final_batch, scales, population_meta_params
         )
-        return finish(params, state, step, list(losses), [])
+        return finish(params, state, step, list(losses), [], final)
 
     losses, evals = [], []
     for k in range(num_steps):
-        batch = population_batch(task, seeds, member_steps(k), "train")
+        batch = members_batch(task, seeds, member_steps(k), "train")
         if checkpoint:
             params, state, loss = activation_checkpoint(
                 inner_step, params, state, step, batch, population_meta_params, use_reentrant=False
@@ -466,7 +462,7 @@ def held_out_losses(
     """Members' held-out losses, ``[P]``: vmapped over the eval split's batches, or member by
     member when the task overrides ``eval_loss`` (e.g. a full held-out set)."""
     if type(task).eval_loss is Task.eval_loss:
-        return vmap(task.loss)(params, population_batch(task, seeds, steps, "eval"))
+        return vmap(task.loss)(params, members_batch(task, seeds, steps, "eval"))
     return torch.stack(
         [
             task.eval_loss({k: v[i] for k, v in params.items()}, seed, step)

@@ -92,6 +92,13 @@ class TaskWrapper(Task):
         scales = torch.stack([self.scales(s) for s in seeds])
         return (*self.base.population_batch(seeds, step, split), scales)
 
+    def population_batches(
+        self, seeds: Sequence[int], first_steps: Sequence[int], num_steps: int, split: str = "train"
+    ) -> Batch:
+        scales = torch.stack([self.scales(s) for s in seeds])
+        base = self.base.population_batches(seeds, first_steps, num_steps, split)
+        return (*base, torch.stack([scales] * num_steps))
+
     def to(self, device: torch.device | str) -> TaskWrapper:
         self.base.to(device)
         return self

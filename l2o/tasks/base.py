@@ -65,6 +65,15 @@ class Task(ABC):
         batches = [self.batch(s, step, split) for s in seeds]
         return tuple(torch.stack(parts) for parts in zip(*batches))
 
+    def population_batches(
+        self, seeds: Sequence[int], first_steps: Sequence[int], num_steps: int, split: str = "train"
+    ) -> Batch:
+        """A truncation's batches: member ``i``'s at steps ``first_steps[i] + k`` for
+        ``k < num_steps``, stacked ``[num_steps, P, ...]`` (override for a faster path)."""
+        steps = [[s + k for s in first_steps] for k in range(num_steps)]
+        per_step = [members_batch(self, seeds, at, split) for at in steps]
+        return tuple(torch.stack(parts) for parts in zip(*per_step))
+
     def to(self, device: torch.device | str) -> Task:
         """Move the task's data to ``device`` (in place) and return it."""
         self.device = torch.device(device)
@@ -86,3 +95,12 @@ class TaskFamily(ABC):
 
     def config(self) -> dict:
         return {"name": self.name}
+
+
+def members_batch(task: Task, seeds: Sequence[int], steps: Sequence[int], split: str) -> Batch:
+    """Member ``i``'s batch at step ``steps[i]``, stacked along dim 0: one ``population_batch``
+    call when the steps agree."""
+    if len(set(steps)) == 1:
+        return task.population_batch(list(seeds), steps[0], split)
+    batches = [task.batch(seed, step, split) for seed, step in zip(seeds, steps)]
+    return tuple(torch.stack(parts) for parts in zip(*batches))

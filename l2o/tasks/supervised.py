@@ -24,7 +24,14 @@ from torch.func import functional_call
 
 from l2o.optim.base import Params
 from l2o.tasks.base import Batch, Task
-from l2o.tasks.data import Dataset, batch_indices, check_dataset_name, check_split, load_dataset
+from l2o.tasks.data import (
+    Dataset,
+    batch_indices,
+    check_dataset_name,
+    check_split,
+    load_dataset,
+    stacked_batch_indices,
+)
 from l2o.validation import positive_int
 
 #: Activation name -> (module class, fan-in init gain).
@@ -157,13 +164,19 @@ class DatasetTask(ModuleTask):
                 )
         self.eval_batch_size = eval_batch_size
 
-    def _indices(self, seed: int, step: int, split: str) -> Tensor | None:
-        """Minibatch indices into ``split``, or None for the whole eval set."""
+    def _sampling(self, split: str) -> tuple[int, int, int] | None:
+        """``(batch_size, examples, stream)`` of ``split``'s minibatches, or None where a batch
+        is the whole eval set."""
         if split == "train":
-            return batch_indices(seed, step, self.batch_size, self.data.num_train)
+            return self.batch_size, self.data.num_train, 0
         if self.eval_batch_size is None:
             return None
-        return batch_indices(seed, step, self.eval_batch_size, self.data.num_eval, _EVAL_STREAM)
+        return self.eval_batch_size, self.data.num_eval, _EVAL_STREAM
+
+    def _indices(self, seed: int, step: int, split: str) -> Tensor | None:
+        """Minibatch indices into ``split``, or None for the whole eval set."""
+        sampling = self._sampling(split)
+        return None if sampling is None else batch_indices(seed, step, *sampling)
 
     def _select(self, split: str, idx: Tensor | None) -> Batch:
         x, y = self.data.split(split)
@@ -179,12 +192,29 @@ class DatasetTask(ModuleTask):
         return self._select(split, self._indices(seed, step, split))
 
     def population_batch(self, seeds: Sequence[int], step: int, split: str = "train") -> Batch:
-        """Stacked batches of ``seeds``: one gather on the device instead of one per seed."""
+        """Stacked batches of ``seeds``: their indices drawn at once, one gather on the device."""
+        return self._gathered(split, seeds, [step] * len(seeds), (len(seeds),))
+
+    def population_batches(
+        self, seeds: Sequence[int], first_steps: Sequence[int], num_steps: int, split: str = "train"
+    ) -> Batch:
+        """:meth:`Task.population_batches`, every index drawn at once and gathered at once."""
+        row_seeds = [seed for _ in range(num_steps) for seed in seeds]
+        row_steps = [first + k for k in range(num_steps) for first in first_steps]
+        return self._gathered(split, row_seeds, row_steps, (num_steps, len(seeds)))
+
+    def _gathered(
+        self, split: str, seeds: Sequence[int], steps: Sequence[int], lead: tuple[int, ...]
+    ) -> Batch:
+        """The batches of the pairs ``zip(seeds, steps)`` (their indices from
+        :func:`~l2o.tasks.data.stacked_batch_indices`: the same as :meth:`batch`'s), laid out
+        with leading dims ``lead``."""
         check_split(split)
-        idx = [self._indices(s, step, split) for s in seeds]
-        if idx[0] is None:  # the whole eval set, shared: a view, not copies
-            return tuple(t.expand(len(seeds), *t.shape) for t in self._select(split, None))
-        return self._select(split, torch.stack(idx))
+        sampling = self._sampling(split)
+        if sampling is None:  # the whole eval set, shared: a view, not copies
+            return tuple(t.expand(*lead, *t.shape) for t in self._select(split, None))
+        idx = stacked_batch_indices(seeds, steps, *sampling)
+        return self._select(split, idx.view(*lead, -1))
 
     def to(self, device: torch.device | str) -> DatasetTask:
         self.device = torch.device(device)
