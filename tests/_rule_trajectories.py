@@ -105,9 +105,12 @@ def assert_vmapped_update_equals_loop(batched_update, update, rule, population, 
             torch.testing.assert_close(batched[k][i], expected[k], **tol)
 
 
-def shapes_sent_to(method_name: str, rule, monkeypatch) -> list[tuple[int, ...]]:
+def shapes_sent_to(
+    method_name: str, rule, monkeypatch, compiled: bool = False
+) -> list[tuple[int, ...]]:
     """The tensor shapes ``rule.update`` sends to its method ``method_name`` (whose first
-    argument is the gradient) on a 4x5 matrix, a 3x7 matrix and a 21-vector."""
+    argument is the gradient) on a 4x5 matrix, a 3x7 matrix and a 21-vector, called as it is
+    or inside ``torch.compile`` (``compiled``)."""
     seen = []
     original = getattr(type(rule), method_name)
 
@@ -118,5 +121,12 @@ def shapes_sent_to(method_name: str, rule, monkeypatch) -> list[tuple[int, ...]]
     monkeypatch.setattr(type(rule), method_name, spy)
     params = {"small": torch.randn(4, 5), "large": torch.randn(3, 7), "vector": torch.randn(21)}
     grads = {k: torch.randn_like(v) for k, v in params.items()}
-    rule.update(grads, rule.init(params), params, step=0)
+
+    def update(grads, state, params):
+        return rule.update(grads, state, params, step=0)
+
+    # Dynamo's own backend runs the traced graph as it is (no Inductor compile).
+    (torch.compile(update, backend="eager") if compiled else update)(
+        grads, rule.init(params), params
+    )
     return seen

@@ -44,6 +44,9 @@ def test_update_takes_the_fused_path_only_above_the_block_size(monkeypatch):
     rule = lopt.rule(lopt.init_meta(torch.Generator().manual_seed(0)))
     rule = dataclasses.replace(rule, chunk_size=20)
     assert shapes_sent_to("_tensor_update_fused", rule, monkeypatch) == [(3, 7), (21,)]
+    # Inside a compiled graph (the unrolls' compiled truncations) every tensor is fused.
+    seen = shapes_sent_to("_tensor_update_fused", rule, monkeypatch, compiled=True)
+    assert sorted(seen) == [(3, 7), (4, 5), (21,)]
 
 
 def test_fused_step_on_non_contiguous_tensors_and_low_precision_params():

@@ -59,6 +59,14 @@ def test_update_takes_the_fused_path_only_above_the_block_size(monkeypatch):
     assert shapes_sent_to("_direction_fused", rule, monkeypatch) == [(3, 7), (21,)]
 
 
+def test_update_inside_a_compiled_graph_takes_the_fused_path_for_every_tensor(monkeypatch):
+    """The meta-training unrolls' compiled truncations trace ``update``; there every tensor
+    takes the feature-major form, the faster one under Inductor (BENCHMARKS.md)."""
+    rule = dataclasses.replace(make_rule(), chunk_size=20)
+    seen = shapes_sent_to("_direction_fused", rule, monkeypatch, compiled=True)
+    assert sorted(seen) == [(3, 7), (4, 5), (21,)]
+
+
 def test_fused_direction_on_non_contiguous_tensors_and_low_precision_params():
     rule = make_rule()
     fused = dataclasses.replace(rule, chunk_size=16)
