@@ -4,8 +4,9 @@ For each family of an experiment's task mixture (``configs/experiment/<name>.yam
 ``ortho_long_mixture``, the shipped default's recipe), one task is drawn and the truncation that
 PES runs on it is timed: ``unroll(..., compile=True)`` under ``torch.no_grad``, per-member
 meta-parameters (the shipped checkpoint's, perturbed), ``--population`` members, ``--steps``
-inner steps. Reported per member: parameters, the first call's time (compilation, with an
-empty Inductor cache), and the median of ``--repeats`` calls per inner step; then the mean over
+inner steps. Reported per member: parameters, the first call's time (compilation; Inductor
+reuses graphs it has on disk, so for the time from scratch point ``TORCHINDUCTOR_CACHE_DIR`` at
+an empty directory), and the median of ``--repeats`` calls per inner step; then the mean over
 the mixture weighted as the recipe draws its members.
 
     python scripts/bench_recipe.py --threads 2
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from l2o.learned.checkpoint import load_checkpoint, resolve_checkpoint
 from l2o.meta.unroll import init_carry, unroll
@@ -58,9 +59,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = yaml.safe_load((CONFIGS / f"{args.experiment}.yaml").read_text())["task"]
-    families = [instantiate(family) for family in config["families"]]
-    weights = config.get("weights") or [1.0] * len(families)
+    path = CONFIGS / f"{args.experiment}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+        parser.error(f"no experiment {args.experiment!r}; known: {', '.join(known)}")
+    task_config = OmegaConf.load(path).get("task", {})
+    if "families" not in task_config:
+        parser.error(f"experiment {args.experiment!r} is not a task mixture (no task.families)")
+    families = [instantiate(family) for family in task_config.families]
+    weights = list(task_config.get("weights") or [1.0] * len(families))
     lopt, meta, _ = load_checkpoint(resolve_checkpoint(args.checkpoint))
     print(
         f"{args.experiment}: compiled PES truncations, P={args.population}, K={args.steps}, "
@@ -69,13 +76,13 @@ def main() -> None:
     print("| member | weight | parameters | first call (s) | ms / inner step |")
     print("|---|---:|---:|---:|---:|")
     per_step = []
-    for family, weight in zip(families, weights, strict=True):
+    for index, (family, weight) in enumerate(zip(families, weights, strict=True)):
         task = family.sample(0)
         size = sum(v.numel() for v in task.init_from_seed(0).values())
         first, seconds = time_member(task, lopt, meta, args.population, args.steps, args.repeats)
         per_step.append(seconds)
         print(
-            f"| {type(task).__name__} | {weight:g} | {size:,} | {first:.0f} | "
+            f"| {index}: {type(task).__name__} | {weight:g} | {size:,} | {first:.0f} | "
             f"{seconds * 1e3:.2f} |",
             flush=True,
         )

@@ -118,15 +118,16 @@ def shapes_sent_to(
         seen.append(tuple(g.shape))
         return original(self, g, *args)
 
-    monkeypatch.setattr(type(rule), method_name, spy)
     params = {"small": torch.randn(4, 5), "large": torch.randn(3, 7), "vector": torch.randn(21)}
     grads = {k: torch.randn_like(v) for k, v in params.items()}
 
     def update(grads, state, params):
         return rule.update(grads, state, params, step=0)
 
-    # Dynamo's own backend runs the traced graph as it is (no Inductor compile).
-    (torch.compile(update, backend="eager") if compiled else update)(
-        grads, rule.init(params), params
-    )
+    with monkeypatch.context() as patch:  # undone on return: calls do not stack spies
+        patch.setattr(type(rule), method_name, spy)
+        # Dynamo's own backend runs the traced graph as it is (no Inductor compile).
+        (torch.compile(update, backend="eager") if compiled else update)(
+            grads, rule.init(params), params
+        )
     return seen

@@ -143,6 +143,25 @@ def test_shuffled_prefixes_follow_chains_of_earlier_swaps():
     assert got.tolist() == [_fisher_yates_prefix(row, n) for row in cases]
 
 
+def test_shuffled_prefixes_of_a_range_too_long_for_int32_keys():
+    """``n * B >= 2**31``: the lookups' keys are int64."""
+    n, width = 2**28, 16
+    rng = random.Random(1)
+    cases = [[rng.randrange(2**32) for _ in range(width)] for _ in range(20)]
+    cases.append([n - 1 - t for t in range(width)])  # every swap hits the end of the range
+    got = task_data._shuffled_prefixes(torch.tensor(cases), n)
+    assert got.tolist() == [_sparse_fisher_yates_prefix(row, n) for row in cases]
+
+
+def _sparse_fisher_yates_prefix(draws: list[int], n: int) -> list[int]:
+    """:func:`_fisher_yates_prefix` for a range too long for a list: the swaps in a dict."""
+    moved: dict[int, int] = {}
+    for t, draw in enumerate(draws):
+        j = t + draw % (n - t)
+        moved[t], moved[j] = moved.get(j, j), moved.get(t, t)
+    return [moved[t] for t in range(len(draws))]
+
+
 def test_stacked_batch_indices_below_the_vectorised_size_and_refusals():
     seeds, steps = [3, 4, 5], [0, 0, 7]
     expected = torch.stack([task_data.batch_indices(s, t, 8, 50) for s, t in zip(seeds, steps)])
@@ -152,6 +171,9 @@ def test_stacked_batch_indices_below_the_vectorised_size_and_refusals():
         task_data.stacked_batch_indices([1, 2], [0], 8, 50)
     with pytest.raises(ValueError, match="batch_size"):
         task_data.stacked_batch_indices([1], [0], 51, 50)
+    for task in (make("mlp_digits"), make("quadratic"), ReparamTask(make("logreg"))):
+        with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+            task.population_batches([0, 1], [0, 0], 0)
 
 
 def test_mix_seeds_over_arrays_equals_mix_seed():

@@ -342,6 +342,19 @@ def test_compiled_inner_steps_of_the_mlp_learned_optimizer_equal_the_eager_unrol
     _assert_compiled_unroll_matches_eager(MLPLOpt(), task, 5, 1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_truncations_of_the_ortho_mlp_learned_optimizer_equal_the_eager_unroll():
+    """The default recipe's compiled PES truncation: Newton–Schulz, the AdamW vector rule, and
+    (inside the compiled graph) the feature-major form of every tensor's MLP, against the eager
+    unroll's reference form."""
+    from l2o.learned import get_lopt
+    from l2o.tasks.registry import get_task
+
+    lopt = get_lopt("ortho_mlp", vector_rule="adamw", vector_hparams={"lr": 1e-2})
+    task = get_task("mlp", dataset="digits", width=16, depth=2, batch_size=16)
+    _assert_compiled_unroll_matches_eager(lopt, task, 5, 1e-4)
+
+
 def test_compile_is_refused_with_checkpointing_and_for_per_member_rules_under_autograd():
     lopt, task = MomentumLOpt(decay=0.3), Quadratic()
     stacked, carry = _per_member_setup(lopt, task)

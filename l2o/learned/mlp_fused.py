@@ -18,8 +18,10 @@ module computes the same update (to float32 rounding) in two passes over blocks 
 
 A tensor that fits in one block is assembled once, not twice. Everything is pure (no in-place
 op on an input, no ``out=``), so the fused step also runs under ``torch.func.vmap`` and
-autograd; :meth:`MLPRule.update` uses it where no meta-gradient or vmap is involved (the
-drop-in ``torch.optim`` path) and the reference elsewhere (see its docstring).
+autograd. ``update`` (:class:`l2o.learned.rule.BlockedLearnedRule`) uses it for tensors of
+more than one block, and for every tensor inside a graph being compiled (the meta-training
+unrolls' compiled truncations, where Inductor runs the feature-major layout faster); the
+reference elsewhere.
 
 Layout: a factored tensor (Adafactor's two largest dims ``row_dim < col_dim``) is viewed, without
 a copy, as ``[A, R, B, C, D]`` (``A``, ``B``, ``D``: products of the dims before, between and

@@ -296,9 +296,8 @@ def _compiled_truncation(
     """The compiled :func:`_scanned_forward_truncation` (one graph per task structure and rule
     factory, whatever the truncation's length) on the carry (``params, state, step``, laid out as
     the body returns them) and the minibatches, stacked along a leading dim that is marked
-    dynamic (one graph for every length from 2; Dynamo specialises a size-1 dim, so with an
-    update schedule a truncation of one step, as an episode's last may be, compiles a second
-    graph)."""
+    dynamic (one graph for every length from 2; Dynamo specialises a size-1 dim, so a
+    truncation of one step, as an episode's last may be, compiles a second graph)."""
     for x in (*batches, scales):
         if x is not None:  # no schedule: no scales
             torch._dynamo.maybe_mark_dynamic(x, 0)

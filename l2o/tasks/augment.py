@@ -95,8 +95,8 @@ class TaskWrapper(Task):
     def population_batches(
         self, seeds: Sequence[int], first_steps: Sequence[int], num_steps: int, split: str = "train"
     ) -> Batch:
-        scales = torch.stack([self.scales(s) for s in seeds])
         base = self.base.population_batches(seeds, first_steps, num_steps, split)
+        scales = torch.stack([self.scales(s) for s in seeds])
         return (*base, torch.stack([scales] * num_steps))
 
     def to(self, device: torch.device | str) -> TaskWrapper:
