@@ -28,6 +28,10 @@ DATASET_NAMES: tuple[str, ...] = ("digits", "mnist1d")
 SPLITS: tuple[str, ...] = ("train", "eval")
 
 _MASK64 = (1 << 64) - 1
+# splitmix64's constants (Steele, Lea and Flood, 2014): the golden-ratio increment, then the
+# finaliser's two multipliers (Stafford's "Mix13", as in Vigna's reference splitmix64);
+# :func:`mix_seed` and its array form :func:`_mix_seeds` share them.
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +176,12 @@ def mix_seed(*values: int) -> int:
     Different tuples give unrelated generator streams, so e.g. ``(seed, step)`` and
     ``(seed, step + 1)`` draw independent minibatches.
     """
-    h = 0x9E3779B97F4A7C15
+    h = _GOLDEN
     for v in values:
         h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = (h + _GOLDEN) & _MASK64
+        h = ((h ^ (h >> 30)) * _MIX1) & _MASK64
+        h = ((h ^ (h >> 27)) * _MIX2) & _MASK64
         h ^= h >> 31
     return h >> 1
 
@@ -190,12 +194,12 @@ def _as_uint64(values: Sequence[int]) -> np.ndarray:
 def _mix_seeds(*values: int | np.ndarray) -> np.ndarray:
     """:func:`mix_seed` over uint64 arrays (or ints), broadcast: the same hash, elementwise."""
     with np.errstate(over="ignore"):  # the hash's multiplications wrap modulo 2**64
-        h = np.uint64(0x9E3779B97F4A7C15)
+        h = np.uint64(_GOLDEN)
         for v in values:
             h = h ^ (v if isinstance(v, np.ndarray) else np.uint64(int(v) & _MASK64))
-            h = h + np.uint64(0x9E3779B97F4A7C15)
-            h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = h + np.uint64(_GOLDEN)
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(_MIX1)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(_MIX2)
             h = h ^ (h >> np.uint64(31))
         return h >> np.uint64(1)
 
