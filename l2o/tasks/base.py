@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from l2o.optim.base import Params
+from l2o.validation import positive_int
 
 Batch = tuple[Tensor, ...]
 
@@ -70,8 +71,8 @@ class Task(ABC):
     ) -> Batch:
         """A truncation's batches: member ``i``'s at steps ``first_steps[i] + k`` for
         ``k < num_steps``, stacked ``[num_steps, P, ...]`` (override for a faster path)."""
-        check_num_steps(num_steps)
-        steps = [[s + k for s in first_steps] for k in range(num_steps)]
+        # At least one step: the result has no empty form.
+        steps = [[s + k for s in first_steps] for k in range(positive_int("num_steps", num_steps))]
         per_step = [members_batch(self, seeds, at, split) for at in steps]
         return tuple(torch.stack(parts) for parts in zip(*per_step))
 
@@ -105,9 +106,3 @@ def members_batch(task: Task, seeds: Sequence[int], steps: Sequence[int], split:
         return task.population_batch(list(seeds), steps[0], split)
     batches = [task.batch(seed, step, split) for seed, step in zip(seeds, steps)]
     return tuple(torch.stack(parts) for parts in zip(*batches))
-
-
-def check_num_steps(num_steps: int) -> None:
-    """``population_batches`` needs at least one step (its result has no empty form)."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from l2o.optim.base import Params
-from l2o.tasks.base import Batch, Task, check_num_steps
+from l2o.tasks.base import Batch, Task
 from l2o.tasks.data import (
     Dataset,
     batch_indices,
@@ -199,7 +199,7 @@ class DatasetTask(ModuleTask):
         self, seeds: Sequence[int], first_steps: Sequence[int], num_steps: int, split: str = "train"
     ) -> Batch:
         """:meth:`Task.population_batches`, every index drawn at once and gathered at once."""
-        check_num_steps(num_steps)
+        num_steps = positive_int("num_steps", num_steps)
         row_seeds = [seed for _ in range(num_steps) for seed in seeds]
         row_steps = [first + k for k in range(num_steps) for first in first_steps]
         return self._gathered(split, row_seeds, row_steps, (num_steps, len(seeds)))
