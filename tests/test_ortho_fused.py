@@ -67,6 +67,22 @@ def test_update_inside_a_compiled_graph_takes_the_fused_path_for_every_tensor(mo
     assert sorted(seen) == [(3, 7), (4, 5), (21,)]
 
 
+def test_update_inside_a_compiled_and_differentiated_graph_traces_the_scalar_form(monkeypatch):
+    """TBPTT's compiled steps differentiate the update with respect to the meta-parameters;
+    there every tensor takes :func:`coordinates` (the scalar-weighted MLP, whose backward
+    Inductor fuses), not the feature-major form (BENCHMARKS.md)."""
+    rule = dataclasses.replace(make_rule(), chunk_size=20)
+    meta = {k: v.clone().requires_grad_() for k, v in rule.meta_params.items()}
+    rule = dataclasses.replace(rule, meta_params=meta)
+    seen = shapes_sent_to("_coordinates_traced", rule, monkeypatch, compiled=True)
+    assert sorted(seen) == [(3, 7), (4, 5), (21,)]
+    assert shapes_sent_to("_direction_fused", rule, monkeypatch, compiled=True) == []
+    # Eagerly, or where no meta-gradient is recorded, the form is not used.
+    assert shapes_sent_to("_coordinates_traced", rule, monkeypatch) == []
+    with torch.no_grad():
+        assert shapes_sent_to("_coordinates_traced", rule, monkeypatch, compiled=True) == []
+
+
 def test_fused_direction_on_non_contiguous_tensors_and_low_precision_params():
     rule = make_rule()
     fused = dataclasses.replace(rule, chunk_size=16)
