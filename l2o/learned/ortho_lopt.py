@@ -691,7 +691,10 @@ def coordinates(
     feature-major ``Wᵀ``, ``b[:, None]`` pairs, flattened), not as matrix products: inductor
     then fuses inputs, every layer and the output into one loop over the coordinates, with no
     ``[numel, features]`` or ``[numel, hidden]`` buffer, which the narrow products of the eager
-    path cannot avoid (BENCHMARKS.md). Eagerly this form is slow (one op per weight)."""
+    path cannot avoid (BENCHMARKS.md). Eagerly this form is slow (one op per weight). Besides
+    the drop-in's :func:`compiled_coordinates`, TBPTT's compiled inner steps trace it into
+    their graphs, where its backward is what makes them fast
+    (:meth:`OrthoMLPRule._coordinates_function`)."""
     m = torch.lerp(g.unsqueeze(-1), m_old, beta_m)
     v = torch.lerp(g * g, v_old, beta_v)
     mean_v = torch.mean(v)
