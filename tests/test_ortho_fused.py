@@ -83,6 +83,46 @@ def test_update_inside_a_compiled_and_differentiated_graph_traces_the_scalar_for
         assert shapes_sent_to("_coordinates_traced", rule, monkeypatch, compiled=True) == []
 
 
+@pytest.mark.parametrize(
+    "options", [*OPTIONS, {"mask_unseen": True}], ids=lambda o: ",".join(o) or "defaults"
+)
+def test_the_traced_form_gives_the_eager_updates_and_meta_gradients(options):
+    """What TBPTT's compiled steps differentiate: two updates traced under ``torch.compile``
+    (the scalar-weighted form) against the eager rule, values and meta-gradients, on tensors of
+    several ranks and one that is all zeros and never gets a gradient (where a ``p·rsqrt``
+    input would put NaN in the meta-gradient)."""
+    g = torch.Generator().manual_seed(1)
+    base = make_rule(**options)
+    meta = {k: v.clone().requires_grad_() for k, v in base.meta_params.items()}
+    rule = dataclasses.replace(base, meta_params=meta)
+    shapes = {"w": (5, 3), "t4": (4, 1, 3), "v": (7,), "s": ()}
+    params = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    params["zero"] = torch.zeros(6, 4)
+    grads = [{k: torch.randn_like(p) for k, p in params.items()} for _ in range(2)]
+    for step_grads in grads:
+        step_grads["zero"] = torch.zeros(6, 4)
+
+    def two_steps(params):
+        state = rule.init(params)
+        for step, step_grads in enumerate(grads):
+            updates, state = rule.update(step_grads, state, params, step=step)
+            params = {k: p + updates[k] for k, p in params.items()}
+        return params
+
+    def result_and_meta_gradients(fn):
+        final = fn(params)
+        loss = sum((p * p).sum() for p in final.values())
+        found = torch.autograd.grad(loss, list(meta.values()), allow_unused=True)
+        return final, [
+            torch.zeros_like(m) if d is None else d for m, d in zip(meta.values(), found)
+        ]
+
+    eager = result_and_meta_gradients(two_steps)
+    traced = result_and_meta_gradients(torch.compile(two_steps, backend="eager", fullgraph=True))
+    assert all(torch.isfinite(d).all() for d in traced[1])
+    torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_direction_on_non_contiguous_tensors_and_low_precision_params():
     rule = make_rule()
     fused = dataclasses.replace(rule, chunk_size=16)

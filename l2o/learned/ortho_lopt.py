@@ -391,7 +391,7 @@ class OrthoMLPRule(BlockedLearnedRule):
         self, constants: dict[str, Any]
     ) -> list[tuple[Tensor, Tensor]]:
         """:meth:`_feature_major_layers` of ``constants``, built once per dtype and step, and
-        only by the paths that use them (fused and compiled)."""
+        only by the paths that use them (fused, compiled and traced)."""
         if "feature_major_layers" not in constants:
             layers = self._feature_major_layers(constants["meta"], constants["embedding"])
             constants["feature_major_layers"] = layers
@@ -510,7 +510,8 @@ class OrthoMLPRule(BlockedLearnedRule):
         TBPTT truncation of ``bench_meta_train.py`` with the default inside, both forms in one
         process: 1.15x faster at population 1, 1.48x at 8, 2.15x at 64 (BENCHMARKS.md). Not
         for the forward-only scan (ES/PES, each member with its own meta-parameters), where the
-        same form is 0.63x the blocked one."""
+        same form is 0.63x the blocked one. Measured on the CPU only; on CUDA the same choice
+        is made unmeasured."""
         if torch.compiler.is_compiling() and self._meta_gradient_recorded():
             return self._coordinates_traced
         if self.compiled and _compile_failure is None:
@@ -707,7 +708,9 @@ def coordinates(
     else:
         inputs.append(m[..., 0] * inv_s)
     if p is not None:
-        inputs.append(p * torch.rsqrt(torch.mean(p * p) + TINY))
+        # p / rms(p), not p·rsqrt(...): rsqrt's gradient, -rsqrt(x)³/2, overflows float32 where a
+        # whole tensor is 0, and 0·inf would put NaN in a meta-gradient (TBPTT traces this form).
+        inputs.append(p / _rms(p))
     hidden = inputs
     for i in range(0, len(layers), 2):
         weight, bias = layers[i], layers[i + 1]  # [out, in], [out, 1]

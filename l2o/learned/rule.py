@@ -78,7 +78,9 @@ class BlockedLearnedRule(LearnedRule):
         compiled truncations) every tensor takes the fused computation: Inductor turns its
         feature-major layout (``[features, n]``, ``Wᵀ x`` products) into whole-vector loops and
         faster batched products. Measured on the default recipe's task mixture: its compiled
-        forward truncations 1.36-1.9x faster (BENCHMARKS.md)."""
+        forward truncations 1.36-1.9x faster (BENCHMARKS.md). (``OrthoMLPRule`` makes one
+        exception: in a compiled graph differentiated with respect to its meta-parameters it
+        traces its scalar-weighted form instead; see its ``_coordinates_function``.)"""
         fused_above = 0 if torch.compiler.is_compiling() else self.chunk_size
         return self._update(grads, state, params, step, fused_above=fused_above)
 
